@@ -1,0 +1,1 @@
+"""The serving engine: scheduler, KV manager, runner, sampling and the step loop."""

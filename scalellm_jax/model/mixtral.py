@@ -1,0 +1,80 @@
+"""The Flax Mixtral model: embeddings → N × (attention + sparse MoE) → final norm → lm_head.
+
+``Mixtral.__call__(tokens, positions, caches, meta, logits_index)`` is a pure function of its
+inputs; caching behaviour comes from the static ``backend`` (see ``attention.py``). Layers are a
+Python list (unrolled under ``jit``) rather than ``nn.scan``: per-layer KV pools can then be
+separate donated buffers updated in place, and the parameter tree maps 1:1 onto checkpoint tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from scalellm_jax.config import ModelConfig
+from scalellm_jax.model.attention import Attention, AttentionBackend
+from scalellm_jax.model.layers import RMSNorm
+from scalellm_jax.model.moe import SparseMoE
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    backend: AttentionBackend
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, layer_cache, meta):
+        c = self.config
+        h = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype, name="attn_norm")(x)
+        h, layer_cache = Attention(c, self.backend, self.dtype, name="attn")(h, positions, layer_cache, meta)
+        x = x + h
+        h = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
+        x = x + SparseMoE(c, self.dtype, name="moe")(h)
+        return x, layer_cache
+
+
+class Mixtral(nn.Module):
+    config: ModelConfig
+    backend: AttentionBackend
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.embed = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
+            embedding_init=nn.initializers.normal(0.02),
+        )
+        self.layers = [DecoderLayer(c, self.backend, self.dtype) for _ in range(c.num_layers)]
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
+                kernel_init=nn.initializers.normal(0.02),
+            )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        caches: tuple[Any, ...] | None = None,
+        meta: Any = None,
+        logits_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[Any, ...] | None]:
+        """tokens/positions [B, T] → (logits [B, T or n, V], new caches).
+
+        ``logits_index`` [B, n] selects which token positions get logits, so prefill pays the
+        vocabulary projection only for the tokens that are sampled.
+        """
+        x = self.embed(tokens)
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, positions, None if caches is None else caches[i], meta)
+            new_caches.append(layer_cache)
+        x = self.final_norm(x)
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[..., None], axis=1)
+        logits = self.embed.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+        return logits, (None if caches is None else tuple(new_caches))

@@ -1,0 +1,53 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scalellm_jax.engine.sampling import row_keys, sample, token_logprobs
+
+
+def draw(logits, seeds, steps, temperature, top_k, top_p):
+    b = logits.shape[0]
+    full = lambda value, dtype: jnp.full((b,), value, dtype)
+    return np.asarray(sample(
+        jnp.asarray(logits), row_keys(jnp.asarray(seeds)), jnp.asarray(steps),
+        full(temperature, jnp.float32), full(top_k, jnp.int32), full(top_p, jnp.float32),
+    ))
+
+
+def test_greedy_and_degenerate_filters_pick_the_argmax():
+    logits = np.random.default_rng().standard_normal((5, 50)).astype(np.float32)
+    argmax = logits.argmax(-1)
+    seeds, steps = np.arange(5), np.zeros(5, np.int32)
+    np.testing.assert_array_equal(draw(logits, seeds, steps, 0.0, 0, 1.0), argmax)
+    np.testing.assert_array_equal(draw(logits, seeds, steps, 1.0, 1, 1.0), argmax)
+    np.testing.assert_array_equal(draw(logits, seeds, steps, 1.0, 0, 1e-6), argmax)
+
+
+def test_samples_follow_the_filtered_distribution():
+    n = 4000
+    logits = np.tile(np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32)), (n, 1))
+    seeds = np.random.default_rng().integers(0, 2**31, n)
+    steps = np.zeros(n, np.int32)
+    counts = np.bincount(draw(logits, seeds, steps, 1.0, 0, 1.0), minlength=4) / n
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    top2 = np.bincount(draw(logits, seeds, steps, 1.0, 2, 1.0), minlength=4) / n
+    np.testing.assert_allclose(top2, [0.625, 0.375, 0, 0], atol=0.03)
+    nucleus = np.bincount(draw(logits, seeds, steps, 1.0, 0, 0.7), minlength=4) / n
+    assert nucleus[2] == nucleus[3] == 0 and abs(nucleus[0] - 0.625) < 0.03
+
+
+def test_row_randomness_depends_only_on_its_seed_and_step():
+    rng = np.random.default_rng()
+    logits = rng.standard_normal((6, 40)).astype(np.float32)
+    seeds = rng.integers(0, 2**31, 6)
+    steps = rng.integers(0, 100, 6).astype(np.int32)
+    batch = draw(logits, seeds, steps, 1.0, 0, 1.0)
+    alone = [draw(logits[i : i + 1], seeds[i : i + 1], steps[i : i + 1], 1.0, 0, 1.0)[0] for i in range(6)]
+    np.testing.assert_array_equal(batch, alone)
+
+
+def test_token_logprobs():
+    logits = jnp.asarray(np.random.default_rng().standard_normal((3, 7)), jnp.float32)
+    tokens = jnp.array([0, 3, 6])
+    expected = np.asarray(jax.nn.log_softmax(logits))[np.arange(3), [0, 3, 6]]
+    np.testing.assert_allclose(np.asarray(token_logprobs(logits, tokens)), expected, rtol=1e-6)

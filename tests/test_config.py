@@ -1,0 +1,69 @@
+import json
+
+import pytest
+from transformers import MixtralConfig
+
+from scalellm_jax.config import PRESETS, ConfigError, ModelConfig, preset
+
+
+def test_reads_transformers_config_including_rope_parameters():
+    hf = MixtralConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=1, num_local_experts=6, num_experts_per_tok=1, rope_theta=12345.0,
+        sliding_window=7, tie_word_embeddings=True, head_dim=16,
+    ).to_dict()
+    c = ModelConfig.from_hf_dict(hf)
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers) == (100, 64, 96, 3)
+    assert (c.num_heads, c.num_kv_heads, c.head_dim, c.q_per_kv) == (8, 1, 16, 8)
+    assert (c.num_experts, c.num_experts_per_tok) == (6, 1)
+    assert c.rope_theta == 12345.0 and c.sliding_window == 7 and c.tie_word_embeddings
+
+
+def test_legacy_top_level_rope_theta_and_default_head_dim():
+    c = ModelConfig.from_hf_dict({
+        "model_type": "mixtral", "vocab_size": 10, "hidden_size": 32, "intermediate_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "rope_theta": 500.0,
+    })
+    assert c.head_dim == 8 and c.rope_theta == 500.0 and c.num_kv_heads == 4
+
+
+def test_round_trip_through_hf_dict():
+    for config in PRESETS.values():
+        assert ModelConfig.from_hf_dict(config.to_hf_dict()) == config
+
+
+def test_mixtral_8x7b_preset_matches_published_shapes():
+    c = preset("mixtral-8x7b")
+    assert (c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads) == (4096, 14336, 32, 32, 8)
+    with pytest.raises(ConfigError, match="unknown model preset 'nope'"):
+        preset("nope")
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(num_heads=6, num_kv_heads=4), "num_heads"),
+        (dict(num_experts_per_tok=5), "num_experts_per_tok"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(head_dim=15), "head_dim"),
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(rope_theta=-1.0), "rope_theta"),
+    ],
+)
+def test_invalid_configs_name_the_field(changes, field):
+    with pytest.raises(ConfigError, match=field):
+        preset("tiny").replace(**changes)
+
+
+def test_bad_json_files(tmp_path):
+    with pytest.raises(ConfigError, match="config.json not found"):
+        ModelConfig.from_json_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        ModelConfig.from_json_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral", "vocab_size": 3}))
+    with pytest.raises(ConfigError, match="missing required field"):
+        ModelConfig.from_json_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="model_type must be 'mixtral'"):
+        ModelConfig.from_json_file(tmp_path / "config.json")
