@@ -1,0 +1,68 @@
+"""Paged-KV attention backend for the serving engine.
+
+A step's tokens (prefill chunks of several sequences, decodes, or a mix) arrive flattened as one
+row: ``tokens``/``positions`` are ``[1, num_tokens]``. Each layer's cache is its pair of KV pools
+``[num_kv_heads, num_pages, page_size, head_dim]`` (plus int8 scales when quantized), which the
+backend scatters this step's keys/values into and then attends over through the page table.
+
+``kernels`` picks the implementation: ``"pallas"`` (our GPU kernels) or ``"xla"`` (the jnp
+references in ``pallas_kernels.reference``, the CPU path). ``decode_only`` (static, chosen per
+shape bucket by the runner) routes pure-decode steps to the decode kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+
+import pallas_kernels
+from pallas_kernels import reference
+
+
+class PagedMeta(NamedTuple):
+    """Per-step metadata (a pytree of device arrays), shared by every layer.
+
+    slot_mapping [num_tokens]: flat KV slot of each token (negative = padding, not written).
+    page_table [num_seqs, max_pages_per_seq]; kv_lengths [num_seqs] (tokens in cache after this
+    step, 0 for padding rows); cu_q_lens [num_seqs + 1]: offsets of each sequence's new tokens.
+    """
+
+    slot_mapping: jax.Array
+    page_table: jax.Array
+    kv_lengths: jax.Array
+    cu_q_lens: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedAttention:
+    sliding_window: int | None
+    scale: float
+    kernels: str = "xla"
+    decode_only: bool = False
+    interpret: bool = False
+
+    def __post_init__(self):
+        if self.kernels not in ("pallas", "xla"):
+            raise ValueError(f"attention kernels must be 'pallas' or 'xla', got {self.kernels!r}")
+
+    def __call__(self, q, k, v, positions, layer_cache, meta: PagedMeta):
+        lib = pallas_kernels if self.kernels == "pallas" else reference
+        interpret = {"interpret": self.interpret}
+        quantized = len(layer_cache) == 4
+        k_pages, v_pages = layer_cache[:2]
+        scales = {"k_scales": layer_cache[2], "v_scales": layer_cache[3]} if quantized else {}
+        written = lib.write_kv(k_pages, v_pages, k[0], v[0], meta.slot_mapping, **scales, **interpret)
+        layer_cache = tuple(written)
+        k_pages, v_pages = layer_cache[:2]
+        if quantized:
+            scales = {"k_scales": layer_cache[2], "v_scales": layer_cache[3]}
+        common = dict(scale=self.scale, sliding_window=self.sliding_window, **scales, **interpret)
+        if self.decode_only:
+            out = lib.paged_decode_attention(q[0], k_pages, v_pages, meta.page_table, meta.kv_lengths, **common)
+        else:
+            out = lib.ragged_prefill_attention(
+                q[0], k_pages, v_pages, meta.page_table, meta.kv_lengths, meta.cu_q_lens, **common
+            )
+        return out[None], layer_cache
