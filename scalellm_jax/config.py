@@ -191,3 +191,45 @@ def preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+ATTENTION_KERNELS = ("auto", "pallas", "xla")
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Serving-engine knobs. ``None`` fields are resolved against the model and device by the engine."""
+
+    page_size: int = 16
+    num_pages: int | None = None  # None: sized from device memory (GPU) or 64 pages per sequence slot (CPU)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # per-step token budget, also the prefill chunk size
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    kv_cache_dtype: str = "auto"  # "auto" = the model dtype; "int8" = quantized pages
+    attention_kernels: str = "auto"  # "auto" = pallas on GPU, xla elsewhere
+    gpu_memory_utilization: float = 0.9
+    scheduling_policy: str = "fcfs"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("num_pages", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 2):
+                raise ConfigError(f"EngineConfig.{name} must be an integer ≥ 2 or None, got {value!r}")
+        if self.attention_kernels not in ATTENTION_KERNELS:
+            raise ConfigError(
+                f"EngineConfig.attention_kernels must be one of {ATTENTION_KERNELS}, got {self.attention_kernels!r}"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                f"EngineConfig.kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
+            )
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
+            )

@@ -1,0 +1,186 @@
+"""LLMEngine: the synchronous step loop (schedule → execute → postprocess) with continuous batching.
+
+Requests join at the next ``step`` and leave the step they finish; every step is one jitted call
+on a bucketed batch and one device→host transfer of the sampled token ids and their logprobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+
+import jax
+import numpy as np
+
+from scalellm_jax.config import EngineConfig
+from scalellm_jax.engine.kv_manager import KVManager
+from scalellm_jax.engine.policies import make_policy
+from scalellm_jax.engine.request import (
+    Request,
+    RequestStatus,
+    SamplingParams,
+    clamp_max_tokens,
+    validate_prompt,
+)
+from scalellm_jax.engine.runner import ModelRunner
+from scalellm_jax.engine.scheduler import Scheduler, SchedulerConfig
+from scalellm_jax.loader import Model
+
+logger = logging.getLogger(__name__)
+
+# KV pages per sequence slot when the pool size cannot be derived from device memory (CPU).
+_CPU_PAGES_PER_SEQ = 64
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A request's state after a step: all output tokens so far, and whether it finished."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finished: bool
+    finish_reason: str | None
+    text: str = ""
+
+
+def default_kernels() -> str:
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def resolve_num_pages(model: Model, config: EngineConfig, max_pages_per_seq: int) -> int:
+    """Pages for the KV pool: explicit, or what fits in ``gpu_memory_utilization`` of free device memory."""
+    if config.num_pages is not None:
+        return config.num_pages
+    c = model.config
+    itemsize = 1 if config.kv_cache_dtype == "int8" else np.dtype(model.dtype).itemsize
+    page_bytes = 2 * c.num_layers * c.num_kv_heads * config.page_size * c.head_dim * itemsize
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = stats["bytes_limit"] * config.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+        return max(2, int(free // page_bytes))
+    return 1 + config.max_num_seqs * min(max_pages_per_seq, _CPU_PAGES_PER_SEQ)
+
+
+class LLMEngine:
+    def __init__(
+        self, model: Model, config: EngineConfig | None = None, *, tokenizer=None, interpret: bool = False
+    ):
+        self.model = model
+        self.tokenizer = tokenizer  # optional: needed for stop strings and output text
+        self.config = config = config or EngineConfig()
+        c = model.config
+        self.max_model_len = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
+        max_pages_per_seq = -(-self.max_model_len // config.page_size)
+        kernels = default_kernels() if config.attention_kernels == "auto" else config.attention_kernels
+        num_pages = resolve_num_pages(model, config, max_pages_per_seq)
+        self.kv = KVManager(num_pages, config.page_size, max_pages_per_seq)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+            ),
+            self.kv,
+            make_policy(config.scheduling_policy),
+        )
+        self.runner = ModelRunner(
+            model, page_size=config.page_size, num_pages=num_pages, max_pages_per_seq=max_pages_per_seq,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            kernels=kernels, kv_cache_dtype=config.kv_cache_dtype, interpret=interpret,
+        )
+        self._seeds = np.random.default_rng(config.seed)
+        self._ids = itertools.count()
+        logger.info(
+            "engine: %d KV pages of %d tokens, kernels=%s, max_model_len=%d",
+            num_pages, config.page_size, kernels, self.max_model_len,
+        )
+
+    def warmup(self, progress: bool = True) -> None:
+        self.runner.warmup(progress)
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Validate and queue a request; ``ValueError`` (naming the field) leaves the engine untouched."""
+        params = sampling_params or SamplingParams()
+        self.check_request(prompt_token_ids, params)
+        params = clamp_max_tokens(params, len(prompt_token_ids), self.max_model_len)
+        if params.seed is None:
+            params = dataclasses.replace(params, seed=int(self._seeds.integers(2**32)))
+        request = Request(
+            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
+            prompt_token_ids=list(prompt_token_ids),
+            sampling_params=params,
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            priority=priority,
+            eos_token_id=self.model.config.eos_token_id,
+        )
+        self.scheduler.add_request(request)
+        return request.request_id
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ``ValueError`` naming the field if this request can never be served."""
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need an engine with a tokenizer")
+        validate_prompt(prompt_token_ids, self.max_model_len, self.model.config.vocab_size)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.abort(request_id)
+        return None if request is None else self._output(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns an output for every request that got a token or finished."""
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        batch = self.runner.prepare(plan.scheduled, self.kv)
+        tokens, logprobs = self.runner.execute(batch)
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)  # the step's one device→host transfer
+        sampled = {
+            s.request_id: (int(tokens[i]), float(logprobs[i]) if s.request.sampling_params.logprobs else None)
+            for i, s in enumerate(plan.scheduled)
+            if s.needs_sample
+        }
+        finished = {r.request_id for r in self.scheduler.update(plan, sampled)}
+        outputs = []
+        for s in plan.scheduled:
+            request = s.request
+            if s.request_id in finished or (s.needs_sample and request.status is RequestStatus.RUNNING):
+                outputs.append(self._output(request))
+        return outputs
+
+    def _output(self, request: Request) -> RequestOutput:
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(request.output_token_ids)
+            stops = [i for i in (text.find(stop) for stop in request.sampling_params.stop) if i >= 0]
+            if stops:
+                text = text[: min(stops)]
+                if not request.status.is_finished:
+                    self.scheduler.abort(request.request_id, RequestStatus.FINISHED_STOPPED)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=list(request.output_token_ids),
+            logprobs=list(request.output_logprobs) if request.sampling_params.logprobs else None,
+            finished=request.status.is_finished,
+            finish_reason=request.finish_reason,
+            text=text,
+        )

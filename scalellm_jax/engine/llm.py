@@ -1,0 +1,87 @@
+"""The offline API, like vLLM's: ``LLM(model=...)`` and ``llm.generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from scalellm_jax.config import PRESETS, EngineConfig, preset
+from scalellm_jax.engine.engine import LLMEngine, RequestOutput
+from scalellm_jax.engine.request import SamplingParams
+from scalellm_jax.loader import Model, load
+from scalellm_jax.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class LLM:
+    """Offline batched generation through the serving engine.
+
+    ``model``: a checkpoint folder (Hugging Face or converted), a preset name (random weights, for
+    tests and benchmarks), or a loaded :class:`Model`. Extra keyword arguments are
+    :class:`EngineConfig` fields.
+    """
+
+    def __init__(self, model: str | Model, *, dtype: str = "bfloat16", tokenizer=None, warmup: bool = True,
+                 seed: int = 0, **engine_options):
+        if isinstance(model, Model):
+            loaded, tokenizer_source = model, None
+        elif model in PRESETS:
+            loaded, tokenizer_source = Model.random(preset(model), seed=seed, dtype=dtype), None
+        else:
+            loaded, tokenizer_source = load(model, dtype=dtype), model
+        self.model = loaded
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_source)
+        self.engine = LLMEngine(loaded, EngineConfig(seed=seed, **engine_options), tokenizer=self.tokenizer)
+        if warmup:
+            self.engine.warmup()
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in input order.
+
+        Every prompt is validated before any is queued, so a bad one raises ``ValueError`` (naming
+        the field and the prompt index) without leaving half a batch in the engine.
+        """
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("pass exactly one of prompts or prompt_token_ids")
+        if prompts is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            prompt_token_ids = [self.tokenizer.encode(p) for p in prompts]
+        prompt_token_ids = [list(p) for p in prompt_token_ids]
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            params = [sampling_params or SamplingParams()] * len(prompt_token_ids)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompt_token_ids):
+                raise ValueError(f"sampling_params: got {len(params)} for {len(prompt_token_ids)} prompts")
+        engine = self.engine
+        for i, (ids, p) in enumerate(zip(prompt_token_ids, params, strict=True)):
+            try:
+                engine.check_request(ids, p)
+            except ValueError as exc:
+                raise ValueError(f"prompt {i}: {exc}") from None
+        order: list[str] = []
+        for i, (ids, p) in enumerate(zip(prompt_token_ids, params, strict=True)):
+            try:
+                order.append(engine.add_request(ids, p))
+            except ValueError as exc:  # e.g. more KV than fits per request: leave nothing queued
+                for rid in order:
+                    engine.abort(rid)
+                raise ValueError(f"prompt {i}: {exc}") from None
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(order), desc="generating", disable=not use_tqdm) as bar:
+            while len(done) < len(order):
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update()
+        return [done[rid] for rid in order]

@@ -1,0 +1,238 @@
+"""Requests as the host-side engine sees them: sampling parameters, lifecycle status, token state.
+
+Plain Python (no JAX) so the scheduler and KV manager can be tested without a device.
+
+Token accounting follows vLLM v1: a request is one growing token sequence (prompt followed by the
+outputs sampled so far) and ``num_computed_tokens`` counts how many of those tokens already have
+their KV in the cache. The scheduler's only question per step is "how many of the
+``num_pending_tokens`` do I run now?": a prompt chunk, a whole prompt, one decode token, or the
+prompt plus outputs of a preempted request being recomputed are all the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_SEED_LIMIT = 2**32  # the device sampler turns seeds into uint32 PRNG keys
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling and stopping parameters (OpenAI-like names).
+
+    ``temperature == 0`` means greedy, ``top_k == 0`` and ``top_p == 1`` turn those filters off.
+    ``stop`` holds stop strings: they are only stored here; the engine's incremental detokenizer
+    matches them, because a string can span several tokens. Every bad value raises ``ValueError``
+    whose message starts with the field name, so API layers can pass it straight to the client.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self):
+        # Accept lists (JSON bodies) but store tuples so the params stay hashable and immutable.
+        for name in ("stop_token_ids", "stop"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,) if name == "stop" else value
+            if not isinstance(value, tuple):
+                try:
+                    value = tuple(value)
+                except TypeError:
+                    raise ValueError(f"{name} must be a sequence, got {value!r}") from None
+            object.__setattr__(self, name, value)
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, numbers.Real) or not (0 <= self.temperature < math.inf):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, numbers.Real) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < _SEED_LIMIT):
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        for token in self.stop_token_ids:
+            if not _is_int(token) or token < 0:
+                raise ValueError(f"stop_token_ids must be non-negative integers, got {token!r}")
+        for text in self.stop:
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"stop must contain non-empty strings, got {text!r}")
+        for name in ("ignore_eos", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()  # back in the waiting queue; its KV was dropped and will be recomputed
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+    FINISHED_ERROR = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASONS
+
+    @property
+    def finish_reason(self) -> str | None:
+        """OpenAI-style ``finish_reason`` ("stop", "length", "abort", "error"); None while unfinished."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One generation request and its mutable progress.
+
+    Compared by identity (``eq=False``): two requests with equal fields are still different
+    requests, and the scheduler keeps them in lists it removes from.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float
+    priority: int = 0
+    eos_token_id: int | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    num_preemptions: int = 0
+
+    def __post_init__(self):
+        self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt followed by outputs (a new list; the model input for positions 0..num_tokens-1)."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """``all_token_ids[start:end]`` without copying the whole sequence (one call per row per step)."""
+        n = len(self.prompt_token_ids)
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        """More than one token is pending: a prompt (or a preempted request's recompute) in progress.
+
+        Exactly one pending token means the request decodes: its newest token goes through the
+        model and the next one is sampled. A fresh one-token prompt therefore counts as decoding,
+        which is what it is for the attention kernels (one query, no earlier KV).
+        """
+        return self.num_pending_tokens > 1
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.finish_reason
+
+    def append_token(self, token: int, logprob: float | None = None) -> None:
+        """Record a sampled token (and its logprob when the engine computed one)."""
+        self.output_token_ids.append(int(token))
+        if logprob is not None:
+            self.output_logprobs.append(float(logprob))
+
+    def check_stop(self) -> RequestStatus | None:
+        """The finished status the newest output token causes, or None to keep generating.
+
+        EOS (unless ``ignore_eos``) and ``stop_token_ids`` win over the length limit, so a request
+        whose last allowed token is EOS reports "stop". The context limit (``max_model_len``) is
+        the scheduler's job; stop strings are the detokenizer's.
+        """
+        if not self.output_token_ids:
+            return None
+        last = self.output_token_ids[-1]
+        params = self.sampling_params
+        if (not params.ignore_eos and last == self.eos_token_id) or last in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if len(self.output_token_ids) >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+
+def validate_prompt(prompt_token_ids: Sequence[int], max_model_len: int, vocab_size: int) -> None:
+    """Reject prompts the engine can never serve, with a ``ValueError`` naming ``prompt_token_ids``.
+
+    A prompt must leave room for at least one output token inside the model's context.
+    """
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("prompt_token_ids must not be empty")
+    ids = np.asarray(prompt_token_ids)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise ValueError("prompt_token_ids must be a flat sequence of integers")
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"prompt_token_ids[{i}] = {int(ids[i])} is outside the vocabulary [0, {vocab_size}) "
+            f"({bad.size} bad ids)"
+        )
+    if n + 1 > max_model_len:
+        raise ValueError(
+            f"prompt_token_ids: prompt has {n} tokens; the model's context is {max_model_len} "
+            "(at least one token must be left for the output)"
+        )
+
+
+def clamp_max_tokens(params: SamplingParams, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+    """``params`` with ``max_tokens`` cut to what fits in the context after the prompt.
+
+    The engine clamps instead of rejecting (a client asking for "up to N tokens" gets as many as
+    fit, finishing with "length"), after ``validate_prompt`` guaranteed at least one fits.
+    """
+    room = max_model_len - num_prompt_tokens
+    if room < 1:
+        raise ValueError(f"prompt has {num_prompt_tokens} tokens; the model's context is {max_model_len}")
+    if params.max_tokens <= room:
+        return params
+    return dataclasses.replace(params, max_tokens=room)

@@ -1,0 +1,195 @@
+"""ModelRunner: device state (params, per-layer KV pools) and the bucketed, jitted step functions.
+
+A step's batch is flattened to tokens and padded up to a shape bucket so that serving compiles
+nothing after warmup:
+
+* **mixed** steps (any prefill chunk in the batch): ``num_tokens`` rounded up to a power of two
+  (≥ 16, ≤ ``max_num_batched_tokens``); the sequence axis is always ``max_num_seqs`` rows, because
+  padding rows cost nothing in the ragged kernel (zero new tokens, zero kv length).
+* **decode** steps (one token per sequence): ``num_seqs`` rounded up to a power of two, through the
+  decode kernel.
+
+The KV pools are donated to every step, so XLA updates them in place. Sampling happens inside the
+step: only token ids and their logprobs come back to the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from scalellm_jax.engine.sampling import row_keys, sample, token_logprobs
+from scalellm_jax.engine.scheduler import ScheduledRequest
+from scalellm_jax.loader import Model
+from scalellm_jax.model.paged import PagedAttention, PagedMeta
+
+logger = logging.getLogger(__name__)
+
+
+def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    """Powers of two from ``lo`` up to (and always including) ``hi``."""
+    sizes, size = [], lo
+    while size < hi:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, hi)
+
+
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
+    for size in buckets:
+        if n <= size:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """Host-side (numpy) inputs of one step, already padded to its bucket."""
+
+    decode_only: bool
+    tokens: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    page_table: np.ndarray
+    kv_lengths: np.ndarray
+    cu_q_lens: np.ndarray
+    logits_index: np.ndarray
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+    seeds: np.ndarray
+    steps: np.ndarray
+    num_rows: int
+
+
+def _step(module, params, pools, tokens, positions, meta, logits_index, temperature, top_k, top_p, seeds, steps):
+    logits, pools = module.apply(
+        {"params": params}, tokens[None], positions[None], pools, meta, logits_index=logits_index[None]
+    )
+    logits = logits[0]
+    next_tokens = sample(logits, row_keys(seeds), steps, temperature, top_k, top_p)
+    return next_tokens, token_logprobs(logits, next_tokens), pools
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Model,
+        *,
+        page_size: int,
+        num_pages: int,
+        max_pages_per_seq: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        kernels: str,
+        kv_cache_dtype: str = "auto",
+        interpret: bool = False,
+    ):
+        c = model.config
+        self.model = model
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_pages_per_seq = max_pages_per_seq
+        self.max_num_seqs = max_num_seqs
+        self.token_buckets = pow2_buckets(min(16, max_num_batched_tokens), max_num_batched_tokens)
+        self.seq_buckets = pow2_buckets(1, max_num_seqs)
+        scale = c.head_dim**-0.5
+        mixed = PagedAttention(c.sliding_window, scale, kernels, decode_only=False, interpret=interpret)
+        decode = PagedAttention(c.sliding_window, scale, kernels, decode_only=True, interpret=interpret)
+        self._mixed = jax.jit(functools.partial(_step, model.module(mixed)), donate_argnums=(1,))
+        self._decode = jax.jit(functools.partial(_step, model.module(decode)), donate_argnums=(1,))
+        self.pools = self._allocate_pools(kv_cache_dtype)
+
+    def _allocate_pools(self, kv_cache_dtype: str):
+        c = self.model.config
+        shape = (c.num_kv_heads, self.num_pages, self.page_size, c.head_dim)
+        # zeros, never empty: unused pages must not hold NaN that could reach an output.
+        if kv_cache_dtype == "int8":
+            scales = shape[:3]
+            return tuple(
+                (jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8),
+                 jnp.zeros(scales, jnp.float32), jnp.zeros(scales, jnp.float32))
+                for _ in range(c.num_layers)
+            )
+        dtype = self.model.dtype
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers))
+
+    # ------------------------------------------------------------------ host side
+
+    def prepare(self, scheduled: list[ScheduledRequest], kv) -> StepBatch:
+        """Flatten the scheduled requests into padded numpy arrays for one step."""
+        num_rows = len(scheduled)
+        num_tokens = sum(s.num_new_tokens for s in scheduled)
+        decode_only = all(s.num_new_tokens == 1 for s in scheduled)
+        if decode_only:
+            rows = n_tok = bucket_for(num_rows, self.seq_buckets)
+        else:
+            rows, n_tok = self.max_num_seqs, bucket_for(num_tokens, self.token_buckets)
+        batch = self._empty(decode_only, n_tok, rows)
+        offset = 0
+        for i, s in enumerate(scheduled):
+            request, n = s.request, s.num_new_tokens
+            end = offset + n
+            batch.tokens[offset:end] = request.token_ids(s.start, s.start + n)
+            batch.positions[offset:end] = np.arange(s.start, s.start + n)
+            batch.slot_mapping[offset:end] = kv.slot_mapping(request.request_id, s.start, s.start + n)
+            kv.page_table_row(request.request_id, batch.page_table[i])
+            batch.kv_lengths[i] = s.start + n
+            batch.cu_q_lens[i + 1 :] = end
+            batch.logits_index[i] = end - 1
+            params = request.sampling_params
+            batch.temperature[i] = params.temperature
+            batch.top_k[i] = params.top_k
+            batch.top_p[i] = params.top_p
+            batch.seeds[i] = params.seed  # the engine fills in a seed for every request
+            batch.steps[i] = request.num_output_tokens
+            offset = end
+        batch.num_rows = num_rows
+        return batch
+
+    def _empty(self, decode_only: bool, num_tokens: int, rows: int) -> StepBatch:
+        return StepBatch(
+            decode_only=decode_only,
+            tokens=np.zeros(num_tokens, np.int32),
+            positions=np.zeros(num_tokens, np.int32),
+            slot_mapping=np.full(num_tokens, -1, np.int32),
+            page_table=np.zeros((rows, self.max_pages_per_seq), np.int32),
+            kv_lengths=np.zeros(rows, np.int32),
+            cu_q_lens=np.zeros(rows + 1, np.int32),
+            logits_index=np.zeros(rows, np.int32),
+            temperature=np.zeros(rows, np.float32),
+            top_k=np.zeros(rows, np.int32),
+            top_p=np.ones(rows, np.float32),
+            seeds=np.zeros(rows, np.uint32),
+            steps=np.zeros(rows, np.int32),
+            num_rows=0,
+        )
+
+    # ------------------------------------------------------------------ device side
+
+    def execute(self, batch: StepBatch) -> tuple[jax.Array, jax.Array]:
+        """Dispatch one step; returns device arrays (token ids [rows], logprobs [rows]) without waiting."""
+        fn = self._decode if batch.decode_only else self._mixed
+        meta = PagedMeta(batch.slot_mapping, batch.page_table, batch.kv_lengths, batch.cu_q_lens)
+        tokens, logprobs, self.pools = fn(
+            self.model.params, self.pools, batch.tokens, batch.positions, meta, batch.logits_index,
+            batch.temperature, batch.top_k, batch.top_p, batch.seeds, batch.steps,
+        )
+        return tokens, logprobs
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compile every bucket once (all-padding batches write nothing and read nothing)."""
+        shapes = [(True, n, n) for n in self.seq_buckets] + [(False, n, self.max_num_seqs) for n in self.token_buckets]
+        for decode_only, num_tokens, rows in tqdm(shapes, desc="compiling step buckets", disable=not progress):
+            jax.block_until_ready(self.execute(self._empty(decode_only, num_tokens, rows)))
+        logger.info("warmup compiled %d step shapes", self.num_compilations())
+
+    def num_compilations(self) -> int:
+        """Distinct compiled step executables so far (flat after warmup means no recompiles)."""
+        return self._mixed._cache_size() + self._decode._cache_size()

@@ -1,0 +1,291 @@
+"""Continuous-batching scheduler with a per-step token budget (the vLLM v1 model).
+
+There are no prefill and decode phases. Every step each request gets some number of its pending
+tokens (see ``Request.num_pending_tokens``): one for a decode, a chunk of at most the remaining
+budget for a prompt. Decodes and prompt chunks share a step, so a long prompt is simply spread
+over several steps (chunked prefill) and never holds up running decodes.
+
+One step is ``out = schedule()``, the engine runs ``out`` on the device, then
+``update(out, sampled)``. ``update`` must run before the next ``schedule``: token counts only
+advance in ``update``. (Scheduling step N+1 before step N's tokens are back would need vLLM's
+output placeholders; the engine overlaps host work differently.)
+
+Preemption is by recompute: the victim's pages are freed and its whole sequence (prompt plus the
+outputs it already has, which are kept) is prefilled again when it is readmitted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from scalellm_jax.engine.kv_manager import KVManager
+from scalellm_jax.engine.policies import Policy
+from scalellm_jax.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """``max_num_batched_tokens`` is the per-step token budget and so also the prefill chunk size.
+
+    It must be at least ``max_num_seqs`` so that every running decode fits in every step.
+    ``max_model_len`` bounds prompt plus output tokens of one request.
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= max_num_seqs ({self.max_num_seqs}) so every running "
+                f"decode fits in a step, got {self.max_num_batched_tokens}"
+            )
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """Tokens ``[start, start + num_new_tokens)`` of ``request.all_token_ids`` run this step.
+
+    ``needs_sample`` (fixed at scheduling time) says whether the step covers the request's last
+    token, i.e. whether the runner must sample for it; a mid-prompt chunk only writes KV.
+    """
+
+    request: Request
+    num_new_tokens: int
+    start: int
+    needs_sample: bool = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "needs_sample", self.end == self.request.num_tokens)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    preempted: list[Request]
+    num_batched_tokens: int
+
+    @property
+    def is_decode_only(self) -> bool:
+        """Every row is a single token (decode-shaped), so the runner can use its decode path."""
+        return bool(self.scheduled) and all(s.num_new_tokens == 1 for s in self.scheduled)
+
+
+class Scheduler:
+    """Decides every step which requests run, how many tokens each, and who is preempted.
+
+    Only RUNNING requests own KV pages; waiting and preempted ones own none. That keeps the
+    "all pages free when everything finished" invariant a matter of freeing at every exit.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv: KVManager, policy: Policy,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.kv = kv
+        self.policy = policy
+        self.clock = clock
+        self._requests: dict[str, Request] = {}  # every unfinished request
+        self._waiting: list[Request] = []  # WAITING or PREEMPTED, in arrival-to-the-queue order
+        self._running: list[Request] = []  # RUNNING, in admission order
+
+    # ----------------------------------------------------------------------------- queues
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> tuple[Request, ...]:
+        return tuple(self._waiting)
+
+    @property
+    def running(self) -> tuple[Request, ...]:
+        return tuple(self._running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def get(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    def max_kv_tokens(self, request: Request) -> int:
+        """The most tokens whose KV this request can ever need.
+
+        The last sampled token is never run through the model, and a request stops once prompt
+        plus outputs reach ``max_model_len``.
+        """
+        total = request.num_prompt_tokens + request.sampling_params.max_tokens - 1
+        return min(total, self.config.max_model_len - 1)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request; raises ``ValueError`` for one this scheduler could never finish.
+
+        Rejecting here (rather than letting it wait forever) keeps the queue live: a request
+        passing these checks can always run to completion once it is alone in the cache.
+        """
+        if request.request_id in self._requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
+            raise ValueError(f"request {request.request_id!r} must be new (status {request.status.name})")
+        n, limit = request.num_prompt_tokens, self.config.max_model_len
+        if n == 0:
+            raise ValueError("prompt_token_ids must not be empty")
+        if n + 1 > limit:
+            raise ValueError(f"prompt_token_ids: prompt has {n} tokens; the model's context is {limit}")
+        kv, max_kv = self.kv, self.max_kv_tokens(request)
+        capacity = min(kv.max_pages_per_seq, kv.num_usable_pages - kv.watermark_pages)
+        # Conservative by the watermark: alone in the cache, a request must pass admission (its
+        # first chunk plus the watermark) and then grow to its whole KV.
+        if kv.pages_needed(max_kv) > capacity:
+            field_name = "prompt_token_ids" if kv.pages_needed(n) > capacity else "max_tokens"
+            raise ValueError(
+                f"{field_name}: the request can need {kv.pages_needed(max_kv)} KV pages (prompt {n} tokens, "
+                f"max_tokens {request.sampling_params.max_tokens}, page size {kv.page_size}) but at most "
+                f"{capacity} fit per request"
+            )
+        self._requests[request.request_id] = request
+        self._waiting.append(request)
+
+    def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request | None:
+        """Finish a request from outside the step loop (client cancel, or ``FINISHED_ERROR``).
+
+        Safe between ``schedule`` and ``update``: ``update`` skips requests that are no longer
+        running. Returns the request, or None when the id is unknown or already finished.
+        """
+        if not status.is_finished:
+            raise ValueError(f"status must be a finished status, got {status.name}")
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status is RequestStatus.RUNNING:
+            self._running.remove(request)
+        else:
+            self._waiting.remove(request)
+        self.kv.free(request_id)
+        request.status = status
+        return request
+
+    # ----------------------------------------------------------------------------- schedule
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step: running requests first (decodes before prompt chunks), then admissions."""
+        now = self.clock()
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, ScheduledRequest] = {}
+        preempted: list[Request] = []
+
+        # Decodes first: each costs one token and the budget covers max_num_seqs of them, so a
+        # running decode is never left out because a prompt chunk took the budget. (Admission
+        # already keeps the one unfinished prompt last in line; this keeps the guarantee local.)
+        decodes = [r for r in self._running if not r.is_prefilling]
+        prefills = [r for r in self._running if r.is_prefilling]
+        for request in decodes + prefills:
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if budget == 0:
+                break
+            n = min(request.num_pending_tokens, budget)
+            # Out of pages: preempt the policy's victim among *all* running requests, un-planning it
+            # if it was already scheduled this step (nothing has run yet, so that costs nothing).
+            # Restricting victims to unscheduled requests would let a low-priority decode planned
+            # earlier in the pass outlive a high-priority prompt. If the victim is the request
+            # itself, it alone stops; the rest of the pass goes on (they outrank it anyway).
+            while not self.kv.allocate(request.request_id, request.num_computed_tokens + n, new_request=False):
+                victim = self.policy.pick_victim(self._running, now)
+                undone = scheduled.pop(victim.request_id, None)
+                if undone is not None:
+                    budget += undone.num_new_tokens
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled[request.request_id] = ScheduledRequest(request, n, request.num_computed_tokens)
+                budget -= n
+
+        # Admissions. Not in a step that preempted: the pool is short, and admitting would only
+        # evict again next step. The first request that does not fit stops admission; with FCFS
+        # that means no head-of-line skipping (a big prompt is not starved by small ones behind it).
+        if not preempted:
+            admitted = False
+            for request in self.policy.order_waiting(self._waiting, now):
+                if budget == 0 or len(self._running) >= self.config.max_num_seqs:
+                    break
+                n = min(request.num_pending_tokens, budget)
+                if not self.kv.allocate(request.request_id, n, new_request=True):
+                    break
+                request.status = RequestStatus.RUNNING
+                self._running.append(request)
+                scheduled[request.request_id] = ScheduledRequest(request, n, 0)
+                budget -= n
+                admitted = True
+            if admitted:
+                self._waiting = [r for r in self._waiting if r.status is not RequestStatus.RUNNING]
+
+        return SchedulerOutput(
+            scheduled=list(scheduled.values()),
+            preempted=preempted,
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self._running.remove(request)
+        self.kv.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self._waiting.append(request)
+
+    # ----------------------------------------------------------------------------- update
+
+    def update(self, output: SchedulerOutput,
+               sampled: Mapping[str, tuple[int, float | None]]) -> list[Request]:
+        """Apply a finished step: advance token counts, append sampled tokens, retire finished requests.
+
+        ``sampled`` maps request id → (token, logprob or None) for the rows with ``needs_sample``;
+        entries for other rows are ignored. Requests aborted (or otherwise no longer running since
+        ``schedule``) are skipped. Returns the requests that finished in this step.
+        """
+        live = [s for s in output.scheduled
+                if s.request.status is RequestStatus.RUNNING and s.request.num_computed_tokens == s.start]
+        missing = [s.request_id for s in live if s.needs_sample and s.request_id not in sampled]
+        if missing:  # checked before mutating anything, so a bad call leaves the state intact
+            raise KeyError(f"no sampled token for requests {missing[:8]}")
+        finished: list[Request] = []
+        for s in live:
+            request = s.request
+            request.num_computed_tokens += s.num_new_tokens
+            if request.num_computed_tokens != request.num_tokens:
+                continue  # mid-prompt chunk: its KV is written, nothing is sampled
+            token, logprob = sampled[request.request_id]
+            request.append_token(token, logprob)
+            status = request.check_stop()
+            if status is None and request.num_tokens >= self.config.max_model_len:
+                status = RequestStatus.FINISHED_LENGTH
+            if status is not None:
+                request.status = status
+                self.kv.free(request.request_id)
+                del self._requests[request.request_id]
+                finished.append(request)
+        if finished:
+            self._running = [r for r in self._running if r.status is RequestStatus.RUNNING]
+        return finished

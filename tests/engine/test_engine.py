@@ -1,0 +1,148 @@
+"""LLMEngine end to end on a small random model: continuous batching, no recompiles, exact results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import scalellm_jax
+from scalellm_jax.config import EngineConfig, ModelConfig
+from scalellm_jax.engine.engine import LLMEngine
+from scalellm_jax.engine.request import SamplingParams
+
+CONFIG = ModelConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+    head_dim=8, num_experts=4, num_experts_per_tok=2, max_position_embeddings=96, sliding_window=24,
+)
+ENGINE = EngineConfig(page_size=4, num_pages=64, max_num_seqs=4, max_num_batched_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return scalellm_jax.Model.random(CONFIG, seed=np.random.randint(2**31), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    engine = LLMEngine(model, ENGINE)
+    engine.warmup(progress=False)
+    return engine
+
+
+def run_to_completion(engine, max_steps=2000):
+    finished = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return finished
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    raise AssertionError("engine did not finish")
+
+
+def random_prompt(rng, low=1, high=40):
+    return rng.integers(3, CONFIG.vocab_size, int(rng.integers(low, high))).tolist()
+
+
+def test_greedy_matches_research_generate_with_chunked_prefill_and_queueing(engine, model):
+    rng = np.random.default_rng()
+    prompts = [random_prompt(rng) for _ in range(7)]  # > max_num_seqs: some wait; long ones are chunked
+    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    done = run_to_completion(engine)
+    expected = scalellm_jax.generate(model, prompts, 9)
+    assert [done[i].token_ids for i in ids] == expected
+    assert all(done[i].finish_reason == "length" for i in ids)
+
+
+def test_mixed_workload_compiles_nothing_and_frees_every_page(engine):
+    rng = np.random.default_rng()
+    before = engine.runner.num_compilations()
+    pending = [random_prompt(rng) for _ in range(14)]
+    live: list[str] = []
+    for _ in range(400):
+        if pending and rng.random() < 0.4:
+            params = SamplingParams(
+                max_tokens=int(rng.integers(1, 12)), temperature=float(rng.choice([0.0, 0.8])),
+                top_k=int(rng.integers(0, 5)), top_p=float(rng.uniform(0.5, 1.0)), logprobs=bool(rng.random() < 0.5),
+            )
+            live.append(engine.add_request(pending.pop(), params))
+        if live and rng.random() < 0.05:
+            engine.abort(live.pop(int(rng.integers(len(live)))))
+        engine.step()
+        engine.kv.check_invariants()
+        if not pending and not engine.has_unfinished():
+            break
+    assert not engine.has_unfinished()
+    assert engine.runner.num_compilations() == before
+    assert engine.kv.num_free_pages == engine.kv.num_usable_pages
+
+
+def test_batch_composition_and_preemption_do_not_change_sampled_tokens(model):
+    rng = np.random.default_rng()
+    target = random_prompt(rng, 5, 30)
+    params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = LLMEngine(model, ENGINE)
+    rid = alone.add_request(target, params)
+    expected = run_to_completion(alone)[rid].token_ids
+
+    # A pool so small that requests preempt each other (recompute), with others arriving mid-way.
+    crowded = LLMEngine(model, EngineConfig(page_size=4, num_pages=24, max_num_seqs=4, max_num_batched_tokens=16))
+    crowded.add_request(random_prompt(rng), SamplingParams(max_tokens=25, temperature=1.0, ignore_eos=True))
+    crowded.step()
+    rid = crowded.add_request(target, params)
+    for _ in range(3):
+        crowded.add_request(random_prompt(rng), SamplingParams(max_tokens=25, temperature=0.7, ignore_eos=True))
+    preemptions = 0
+    finished = {}
+    while crowded.has_unfinished():
+        outputs = crowded.step()
+        preemptions = max(preemptions, max((r.num_preemptions for r in crowded.scheduler.running), default=0))
+        finished.update({o.request_id: o for o in outputs if o.finished})
+    assert finished[rid].token_ids == expected
+    assert preemptions > 0, "the small pool was meant to force preemption"
+    assert crowded.kv.num_free_pages == crowded.kv.num_usable_pages
+
+
+def test_logprobs_are_the_model_log_softmax(engine, model):
+    prompt = random_prompt(np.random.default_rng(), 3, 10)
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=5, temperature=0.0, logprobs=True, ignore_eos=True))
+    out = run_to_completion(engine)[rid]
+    logits = np.asarray(model.logits([prompt + out.token_ids]), np.float64)[0]
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    expected = [logp[len(prompt) - 1 + i, t] for i, t in enumerate(out.token_ids)]
+    np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
+
+
+def test_stop_token_ids_and_eos(engine):
+    rng = np.random.default_rng()
+    prompt = random_prompt(rng, 3, 10)
+    free = engine.add_request(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    tokens = run_to_completion(engine)[free].token_ids
+    stop = tokens[3]
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[stop]))
+    out = run_to_completion(engine)[rid]
+    assert out.token_ids == tokens[: tokens.index(stop) + 1] and out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "prompt, params, field",
+    [
+        ([], SamplingParams(), "prompt_token_ids"),
+        ([1] * 96, SamplingParams(), "prompt_token_ids"),
+        ([1, 64], SamplingParams(), "prompt_token_ids"),
+        ([1, 2], SamplingParams(stop=["x"]), "stop"),
+    ],
+)
+def test_bad_requests_raise_and_the_engine_keeps_serving(engine, model, prompt, params, field):
+    with pytest.raises(ValueError, match=field):
+        engine.add_request(prompt, params)
+    rid = engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    assert run_to_completion(engine)[rid].token_ids == scalellm_jax.generate(model, [[5, 6, 7]], 3)[0]
+
+
+@pytest.mark.parametrize("field, value", [("max_tokens", 0), ("top_p", 0.0), ("top_p", 1.5), ("temperature", -1.0)])
+def test_bad_sampling_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
