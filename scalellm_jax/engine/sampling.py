@@ -17,22 +17,21 @@ def row_keys(seeds: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.key)(seeds.astype(jnp.uint32))
 
 
-def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Sort each row descending and mask what top-k / top-p exclude.
+def _thresholds(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Per row, the smallest logit that top-k then top-p keep (top-p over the top-k renormalised).
 
-    logits [B, V] float32 (already temperature-scaled) → (masked sorted logits, sorted token ids).
     The most likely token always survives, so a row never ends up with nothing to sample.
     """
-    vocab = logits.shape[-1]
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    vocab = scaled.shape[-1]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)
     rank = jnp.arange(vocab)[None, :]
-    k = jnp.where(top_k > 0, top_k, vocab)[:, None]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
     keep = rank < k
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    probs = jax.nn.softmax(jnp.where(keep, sorted_desc, -jnp.inf), axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep &= (mass_before < top_p[:, None]) | (rank == 0)
-    return jnp.where(keep, sorted_logits, -jnp.inf), order
+    num_kept = jnp.sum(keep, axis=-1)
+    return jnp.take_along_axis(sorted_desc, (num_kept - 1)[:, None], axis=-1)[:, 0]
 
 
 def sample(
@@ -43,15 +42,34 @@ def sample(
     top_k: jax.Array,
     top_p: jax.Array,
 ) -> jax.Array:
-    """logits [B, V]; keys typed [B]; steps int [B]; per-row params [B] → token ids int32 [B]."""
+    """logits [B, V]; keys typed [B]; steps int [B]; per-row params [B] → token ids int32 [B].
+
+    Gumbel-max over the vocabulary in its original order, restricted to the logits at or above
+    the row's top-k/top-p threshold. A row's draw depends only on its own logits, key and step,
+    never on the other rows. The sort that top-k/top-p need (slow on CPU for a 32k vocabulary)
+    and the noise run only when some row needs them (``lax.cond``); skipping them changes no
+    row's result.
+    """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    safe_temperature = jnp.where(temperature > 0, temperature, 1.0)
-    masked, order = filter_logits(logits / safe_temperature[:, None], top_k, top_p)
-    step_keys = jax.vmap(jax.random.fold_in)(keys, steps.astype(jnp.uint32))
-    choice = jax.vmap(jax.random.categorical)(step_keys, masked)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    sampling = temperature > 0
+    scaled = logits / jnp.where(sampling, temperature, 1.0)[:, None]
+    filtered = sampling & ((top_k > 0) | (top_p < 1))
+    no_threshold = jnp.full(temperature.shape, -jnp.inf, jnp.float32)
+    threshold = jax.lax.cond(
+        jnp.any(filtered),
+        lambda: jnp.where(filtered, _thresholds(scaled, top_k, top_p), -jnp.inf),
+        lambda: no_threshold,
+    )
+
+    def draw():
+        step_keys = jax.vmap(jax.random.fold_in)(keys, steps.astype(jnp.uint32))
+        noise = jax.vmap(lambda key: jax.random.gumbel(key, scaled.shape[-1:], jnp.float32))(step_keys)
+        candidates = jnp.where(scaled >= threshold[:, None], scaled + noise, -jnp.inf)
+        return jnp.argmax(candidates, axis=-1).astype(jnp.int32)
+
+    sampled = jax.lax.cond(jnp.any(sampling), draw, lambda: greedy)
+    return jnp.where(sampling, sampled, greedy)
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:

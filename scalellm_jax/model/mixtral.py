@@ -24,6 +24,7 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     backend: AttentionBackend
     dtype: jnp.dtype = jnp.float32
+    moe_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, positions, layer_cache, meta):
@@ -32,7 +33,7 @@ class DecoderLayer(nn.Module):
         h, layer_cache = Attention(c, self.backend, self.dtype, name="attn")(h, positions, layer_cache, meta)
         x = x + h
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
-        x = x + SparseMoE(c, self.dtype, name="moe")(h)
+        x = x + SparseMoE(c, self.dtype, self.moe_impl, name="moe")(h)
         return x, layer_cache
 
 
@@ -40,6 +41,7 @@ class Mixtral(nn.Module):
     config: ModelConfig
     backend: AttentionBackend
     dtype: jnp.dtype = jnp.float32
+    moe_impl: str = "auto"  # see moe.resolve_moe_impl
 
     def setup(self):
         c = self.config
@@ -47,7 +49,7 @@ class Mixtral(nn.Module):
             c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
             embedding_init=nn.initializers.normal(0.02),
         )
-        self.layers = [DecoderLayer(c, self.backend, self.dtype) for _ in range(c.num_layers)]
+        self.layers = [DecoderLayer(c, self.backend, self.dtype, self.moe_impl) for _ in range(c.num_layers)]
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Dense(

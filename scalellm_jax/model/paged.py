@@ -5,9 +5,10 @@ row: ``tokens``/``positions`` are ``[1, num_tokens]``. Each layer's cache is its
 ``[num_kv_heads, num_pages, page_size, head_dim]`` (plus int8 scales when quantized), which the
 backend scatters this step's keys/values into and then attends over through the page table.
 
-``kernels`` picks the implementation: ``"pallas"`` (our GPU kernels) or ``"xla"`` (the jnp
-references in ``pallas_kernels.reference``, the CPU path). ``decode_only`` (static, chosen per
-shape bucket by the runner) routes pure-decode steps to the decode kernel.
+``kernels`` picks the implementation: ``"pallas"`` (our GPU kernels) or ``"xla"`` (blockwise jnp
+from ``pallas_kernels.xla``, the CPU path, whose cost follows the real sequence lengths).
+``decode_only`` (static, chosen per shape bucket by the runner) routes pure-decode steps to the
+decode kernel.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import NamedTuple
 import jax
 
 import pallas_kernels
-from pallas_kernels import reference
+from pallas_kernels import xla
 
 
 class PagedMeta(NamedTuple):
@@ -48,7 +49,7 @@ class PagedAttention:
             raise ValueError(f"attention kernels must be 'pallas' or 'xla', got {self.kernels!r}")
 
     def __call__(self, q, k, v, positions, layer_cache, meta: PagedMeta):
-        lib = pallas_kernels if self.kernels == "pallas" else reference
+        lib = pallas_kernels if self.kernels == "pallas" else xla
         interpret = {"interpret": self.interpret}
         quantized = len(layer_cache) == 4
         k_pages, v_pages = layer_cache[:2]

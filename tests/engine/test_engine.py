@@ -115,13 +115,14 @@ def test_logprobs_are_the_model_log_softmax(engine, model):
     np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
 
 
-def test_stop_token_ids_and_eos(engine):
+def test_stop_token_ids(engine):
     rng = np.random.default_rng()
     prompt = random_prompt(rng, 3, 10)
     free = engine.add_request(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     tokens = run_to_completion(engine)[free].token_ids
     stop = tokens[3]
-    rid = engine.add_request(prompt, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[stop]))
+    params = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[stop], ignore_eos=True)
+    rid = engine.add_request(prompt, params)
     out = run_to_completion(engine)[rid]
     assert out.token_ids == tokens[: tokens.index(stop) + 1] and out.finish_reason == "stop"
 

@@ -38,7 +38,8 @@ def test_text_prompts_and_stop_strings(tiny_llm):
     assert free.text == tiny_llm.tokenizer.decode(free.token_ids) and len(free.token_ids) == 10
     stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 2]
     assert stop.strip(), "need a visible stop string"
-    [stopped] = tiny_llm.generate("Hello there", SamplingParams(max_tokens=10, temperature=0.0, stop=[stop]))
+    params = SamplingParams(max_tokens=10, temperature=0.0, stop=[stop], ignore_eos=True)
+    [stopped] = tiny_llm.generate("Hello there", params)
     assert stopped.finish_reason == "stop"
     assert stopped.text == free.text[: free.text.index(stop)]
 

@@ -51,3 +51,18 @@ def test_token_logprobs():
     tokens = jnp.array([0, 3, 6])
     expected = np.asarray(jax.nn.log_softmax(logits))[np.arange(3), [0, 3, 6]]
     np.testing.assert_allclose(np.asarray(token_logprobs(logits, tokens)), expected, rtol=1e-6)
+
+
+def test_a_row_draw_does_not_depend_on_the_other_rows_parameters():
+    rng = np.random.default_rng()
+    logits = jnp.asarray(rng.standard_normal((4, 50)), jnp.float32)
+    keys, steps = row_keys(jnp.asarray(rng.integers(0, 2**31, 4))), jnp.asarray(rng.integers(0, 9, 4), jnp.int32)
+
+    def run(temperature, top_k, top_p):
+        return np.asarray(sample(logits, keys, steps, jnp.asarray(temperature, jnp.float32),
+                                 jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32)))
+
+    plain = run([0.9, 0.0, 0.0, 0.0], [0, 0, 0, 0], [1.0, 1.0, 1.0, 1.0])  # others greedy: no sort at all
+    mixed = run([0.9, 1.0, 0.5, 0.0], [0, 5, 0, 3], [1.0, 0.8, 0.3, 1.0])  # others filtered: sort runs
+    assert plain[0] == mixed[0]
+    assert plain[3] == mixed[3] == int(np.argmax(np.asarray(logits[3])))

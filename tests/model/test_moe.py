@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from scalellm_jax.model import dense_moe_reference, grouped_experts, route
+from scalellm_jax.model.moe import grouped_experts_chunked
 
 
 def random_moe(num_tokens, hidden, inter, experts, dtype=jnp.float32):
@@ -33,3 +34,21 @@ def test_routing_is_softmax_topk_renormalised():
     np.testing.assert_array_equal(np.asarray(ids), top)
     chosen = np.take_along_axis(probs, top, axis=-1)
     np.testing.assert_allclose(np.asarray(weights), chosen / chosen.sum(-1, keepdims=True), rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_tokens, experts, top_k", [(1, 4, 2), (64, 8, 2), (33, 6, 1), (5, 3, 3), (300, 8, 2)])
+def test_chunked_experts_equal_ragged(num_tokens, experts, top_k):
+    x, router, w_gate, w_up, w_down = random_moe(num_tokens, 16, 24, experts)
+    weights, ids = route(x, router, top_k)
+    got = grouped_experts_chunked(x, weights, ids, w_gate, w_up, w_down)
+    expected = grouped_experts(x, weights, ids, w_gate, w_up, w_down)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_all_tokens_on_one_expert():
+    x, router, w_gate, w_up, w_down = random_moe(40, 16, 24, 4)
+    ids = jnp.zeros((40, 2), jnp.int32).at[:, 1].set(3)
+    weights = jnp.full((40, 2), 0.5)
+    got = grouped_experts_chunked(x, weights, ids, w_gate, w_up, w_down)
+    expected = grouped_experts(x, weights, ids, w_gate, w_up, w_down)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
