@@ -93,6 +93,7 @@ class LLMEngine:
             kernels=kernels, kv_cache_dtype=config.kv_cache_dtype, interpret=interpret,
         )
         self._seeds = np.random.default_rng(config.seed)
+        self._pending: list[tuple[Request, int, bool]] = []  # step outputs still to build
         self._ids = itertools.count()
         logger.info(
             "engine: %d KV pages of %d tokens, kernels=%s, max_model_len=%d",
@@ -141,45 +142,66 @@ class LLMEngine:
         return None if request is None else self._output(request)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests still running or waiting, or outputs not yet returned by ``step``."""
+        return self.scheduler.has_unfinished() or bool(self._pending)
 
     # ------------------------------------------------------------------ the step
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns an output for every request that got a token or finished."""
+        """Run one step; returns outputs for the requests that got a token or finished.
+
+        Outputs trail the device by one step: step N's outputs (detokenization, stop strings, the
+        output objects) are built in the call that runs step N+1, while the device computes it.
+        A request stopped by a stop string in step N may already be in step N+1's batch; that
+        extra work is discarded (``update`` skips finished requests).
+        """
         plan = self.scheduler.schedule()
-        if not plan.scheduled:
-            return []
-        batch = self.runner.prepare(plan.scheduled, self.kv)
-        tokens, logprobs = self.runner.execute(batch)
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)  # the step's one device→host transfer
+        dispatched = None
+        if plan.scheduled:
+            dispatched = self.runner.execute(self.runner.prepare(plan.scheduled, self.kv))
+        outputs = self._emit_pending()  # host work for step N-1, overlapping the device's step N
+        if dispatched is None:
+            return outputs
+        tokens, logprobs = (np.asarray(a) for a in dispatched)  # the step's one device→host transfer
         sampled = {
             s.request_id: (int(tokens[i]), float(logprobs[i]) if s.request.sampling_params.logprobs else None)
             for i, s in enumerate(plan.scheduled)
             if s.needs_sample
         }
         finished = {r.request_id for r in self.scheduler.update(plan, sampled)}
-        outputs = []
-        for s in plan.scheduled:
-            request = s.request
-            if s.request_id in finished or (s.needs_sample and request.status is RequestStatus.RUNNING):
-                outputs.append(self._output(request))
+        self._pending = [
+            (s.request, s.request.num_output_tokens, s.request_id in finished)
+            for s in plan.scheduled
+            if s.request_id in finished or (s.needs_sample and s.request.status is RequestStatus.RUNNING)
+        ]
         return outputs
 
-    def _output(self, request: Request) -> RequestOutput:
+    def _emit_pending(self) -> list[RequestOutput]:
+        pending, self._pending = self._pending, []
+        outputs = []
+        for request, num_tokens, finished in pending:
+            if not finished and request.status.is_finished:
+                continue  # aborted since: its final output was already reported
+            outputs.append(self._output(request, num_tokens))
+        return outputs
+
+    def _output(self, request: Request, num_tokens: int | None = None) -> RequestOutput:
+        """The output for ``request`` as of its first ``num_tokens`` output tokens (default: all)."""
+        token_ids = request.output_token_ids[:num_tokens]
         text = ""
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(request.output_token_ids)
+            text = self.tokenizer.decode(token_ids)
             stops = [i for i in (text.find(stop) for stop in request.sampling_params.stop) if i >= 0]
             if stops:
                 text = text[: min(stops)]
                 if not request.status.is_finished:
                     self.scheduler.abort(request.request_id, RequestStatus.FINISHED_STOPPED)
+        logprobs = request.output_logprobs[:num_tokens] if request.sampling_params.logprobs else None
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
-            token_ids=list(request.output_token_ids),
-            logprobs=list(request.output_logprobs) if request.sampling_params.logprobs else None,
+            token_ids=list(token_ids),
+            logprobs=logprobs,
             finished=request.status.is_finished,
             finish_reason=request.finish_reason,
             text=text,
