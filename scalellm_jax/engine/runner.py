@@ -65,16 +65,24 @@ class StepBatch:
     top_p: np.ndarray
     seeds: np.ndarray
     steps: np.ndarray
+    want_logprobs: np.ndarray
     num_rows: int
 
 
-def _step(module, params, pools, tokens, positions, meta, logits_index, temperature, top_k, top_p, seeds, steps):
+def _step(module, params, pools, tokens, positions, meta, logits_index, temperature, top_k, top_p, seeds, steps,
+          want_logprobs):
     logits, pools = module.apply(
         {"params": params}, tokens[None], positions[None], pools, meta, logits_index=logits_index[None]
     )
     logits = logits[0]
     next_tokens = sample(logits, row_keys(seeds), steps, temperature, top_k, top_p)
-    return next_tokens, token_logprobs(logits, next_tokens), pools
+    # A log-softmax over the vocabulary for every row costs ~10% of a CPU decode step: only when asked.
+    logprobs = jax.lax.cond(
+        jnp.any(want_logprobs),
+        lambda: token_logprobs(logits, next_tokens),
+        lambda: jnp.zeros(next_tokens.shape, jnp.float32),
+    )
+    return next_tokens, logprobs, pools
 
 
 class ModelRunner:
@@ -149,6 +157,7 @@ class ModelRunner:
             batch.top_p[i] = params.top_p
             batch.seeds[i] = params.seed  # the engine fills in a seed for every request
             batch.steps[i] = request.num_output_tokens
+            batch.want_logprobs[i] = params.logprobs
             offset = end
         batch.num_rows = num_rows
         return batch
@@ -168,6 +177,7 @@ class ModelRunner:
             top_p=np.ones(rows, np.float32),
             seeds=np.zeros(rows, np.uint32),
             steps=np.zeros(rows, np.int32),
+            want_logprobs=np.zeros(rows, bool),
             num_rows=0,
         )
 
@@ -179,7 +189,7 @@ class ModelRunner:
         meta = PagedMeta(batch.slot_mapping, batch.page_table, batch.kv_lengths, batch.cu_q_lens)
         tokens, logprobs, self.pools = fn(
             self.model.params, self.pools, batch.tokens, batch.positions, meta, batch.logits_index,
-            batch.temperature, batch.top_k, batch.top_p, batch.seeds, batch.steps,
+            batch.temperature, batch.top_k, batch.top_p, batch.seeds, batch.steps, batch.want_logprobs,
         )
         return tokens, logprobs
 

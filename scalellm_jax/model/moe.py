@@ -62,7 +62,9 @@ def grouped_experts_chunked(
     n, top_k = experts.shape
     num_experts, hidden = w_gate.shape[0], x.shape[1]
     rows_total = n * top_k
-    chunk = max(8, 1 << max(0, (rows_total // num_experts - 1)).bit_length())
+    # A chunk of at least 32 rows: at decode sizes (~16 rows per expert) one chunk per expert
+    # beats two half-empty ones (one weight read, one matmul triple); larger batches use the mean.
+    chunk = max(32, 1 << max(0, (rows_total // num_experts - 1)).bit_length())
     max_chunks = -(-rows_total // chunk) + num_experts
     flat_experts = experts.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
