@@ -33,10 +33,11 @@ class Model:
     :meth:`variables` for ``module.apply``).
     """
 
-    def __init__(self, config: ModelConfig, params: dict, dtype: str | Any = "bfloat16"):
+    def __init__(self, config: ModelConfig, params: dict, dtype: str | Any = "bfloat16", mesh=None):
         self.config = config
         self.params = params
         self.dtype = DTYPES[dtype_name(dtype)]
+        self.mesh = mesh  # a tensor/expert-parallel mesh the params are sharded over, or None
         module = self.module(CausalAttention(config.sliding_window, config.head_dim**-0.5))
 
         def forward(params, tokens):
@@ -46,7 +47,15 @@ class Model:
         self._logits = jax.jit(forward)
 
     def module(self, backend) -> Mixtral:
-        return Mixtral(self.config, backend, self.dtype)
+        return Mixtral(self.config, backend, self.dtype, mesh=self.mesh)
+
+    def sharded(self, parallel) -> Model:
+        """This model with its params placed on a (expert, tensor) mesh; see ``scalellm_jax.parallel``."""
+        from scalellm_jax.parallel import build_mesh, shard_params
+
+        parallel.check(self.config)
+        mesh = build_mesh(parallel)
+        return Model(self.config, shard_params(self.params, self.config, mesh), self.dtype, mesh)
 
     @property
     def variables(self) -> dict:
@@ -97,21 +106,40 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
     return tree
 
 
-def load(path: str | Path, dtype: str | Any = "bfloat16") -> Model:
-    """Load a Hugging Face Mixtral folder (safetensors, single or sharded) or a converted folder."""
+def load(path: str | Path, dtype: str | Any = "bfloat16", parallel=None) -> Model:
+    """Load a Hugging Face Mixtral folder (safetensors, single or sharded) or a converted folder.
+
+    With ``parallel`` (a :class:`scalellm_jax.parallel.ParallelConfig`), every tensor goes straight
+    to its shards on the mesh as it is read: no device ever holds the whole model.
+    """
     from checkpoints_tools.hf_layout import iter_params_from_hf
-    from checkpoints_tools.orbax_io import is_converted, read_converted
+    from checkpoints_tools.orbax_io import is_converted, read_config, read_converted
     from checkpoints_tools.safetensors_io import HFCheckpoint
+    from scalellm_jax.parallel import build_mesh, param_shardings
 
     name = dtype_name(dtype)
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a checkpoint folder")
-    if is_converted(path):
-        config, params = read_converted(path, dtype=name)
-        return Model(config, params, name)
-    config = ModelConfig.from_json_file(path / "config.json")
+    converted = is_converted(path)
+    config = read_config(path)[0] if converted else ModelConfig.from_json_file(path / "config.json")
+    mesh = shardings = None
+    if parallel is not None and parallel.num_devices > 1:
+        parallel.check(config)
+        mesh = build_mesh(parallel)
+        shardings = param_shardings(config, mesh)
+    if converted:
+        _, params = read_converted(path, dtype=name, shardings=shardings)
+        return Model(config, params, name, mesh)
     checkpoint = HFCheckpoint(path)
-    flat = {p: jnp.asarray(array) for p, array in iter_params_from_hf(checkpoint, config, dtype=name)}
+    flat = {}
+    for p, array in iter_params_from_hf(checkpoint, config, dtype=name):
+        flat[p] = jax.device_put(array, _get(shardings, p)) if shardings is not None else jnp.asarray(array)
     logger.info("loaded %d tensors from %s", len(flat), path)
-    return Model(config, _nest(flat), name)
+    return Model(config, _nest(flat), name, mesh)
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree

@@ -11,6 +11,7 @@ from scalellm_jax.config import PRESETS, EngineConfig, preset
 from scalellm_jax.engine.engine import LLMEngine, RequestOutput
 from scalellm_jax.engine.request import SamplingParams
 from scalellm_jax.loader import Model, load
+from scalellm_jax.parallel import ParallelConfig
 from scalellm_jax.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -20,18 +21,22 @@ class LLM:
     """Offline batched generation through the serving engine.
 
     ``model``: a checkpoint folder (Hugging Face or converted), a preset name (random weights, for
-    tests and benchmarks), or a loaded :class:`Model`. Extra keyword arguments are
-    :class:`EngineConfig` fields.
+    tests and benchmarks), or a loaded :class:`Model`. ``tensor_parallel_size`` and
+    ``expert_parallel_size`` shard the model over that many devices (see ``scalellm_jax.parallel``).
+    Extra keyword arguments are :class:`EngineConfig` fields.
     """
 
     def __init__(self, model: str | Model, *, dtype: str = "bfloat16", tokenizer=None, warmup: bool = True,
-                 seed: int = 0, **engine_options):
+                 seed: int = 0, tensor_parallel_size: int = 1, expert_parallel_size: int = 1, **engine_options):
+        parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, expert_parallel_size=expert_parallel_size)
         if isinstance(model, Model):
             loaded, tokenizer_source = model, None
         elif model in PRESETS:
             loaded, tokenizer_source = Model.random(preset(model), seed=seed, dtype=dtype), None
         else:
-            loaded, tokenizer_source = load(model, dtype=dtype), model
+            loaded, tokenizer_source = load(model, dtype=dtype, parallel=parallel), model
+        if parallel.num_devices > 1 and loaded.mesh is None:
+            loaded = loaded.sharded(parallel)
         self.model = loaded
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_source)
         self.engine = LLMEngine(loaded, EngineConfig(seed=seed, **engine_options), tokenizer=self.tokenizer)

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import Mesh
 
 from scalellm_jax.config import ModelConfig
 from scalellm_jax.model.attention import Attention, AttentionBackend
@@ -25,6 +26,7 @@ class DecoderLayer(nn.Module):
     backend: AttentionBackend
     dtype: jnp.dtype = jnp.float32
     moe_impl: str = "auto"
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, positions, layer_cache, meta):
@@ -33,7 +35,7 @@ class DecoderLayer(nn.Module):
         h, layer_cache = Attention(c, self.backend, self.dtype, name="attn")(h, positions, layer_cache, meta)
         x = x + h
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
-        x = x + SparseMoE(c, self.dtype, self.moe_impl, name="moe")(h)
+        x = x + SparseMoE(c, self.dtype, self.moe_impl, self.mesh, name="moe")(h)
         return x, layer_cache
 
 
@@ -42,6 +44,7 @@ class Mixtral(nn.Module):
     backend: AttentionBackend
     dtype: jnp.dtype = jnp.float32
     moe_impl: str = "auto"  # see moe.resolve_moe_impl
+    mesh: Mesh | None = None  # tensor/expert parallel mesh (see scalellm_jax.parallel)
 
     def setup(self):
         c = self.config
@@ -49,7 +52,9 @@ class Mixtral(nn.Module):
             c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
             embedding_init=nn.initializers.normal(0.02),
         )
-        self.layers = [DecoderLayer(c, self.backend, self.dtype, self.moe_impl) for _ in range(c.num_layers)]
+        self.layers = [
+            DecoderLayer(c, self.backend, self.dtype, self.moe_impl, self.mesh) for _ in range(c.num_layers)
+        ]
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Dense(

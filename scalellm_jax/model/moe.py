@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from scalellm_jax.config import ModelConfig
 
@@ -30,9 +32,14 @@ def route(x: jax.Array, router: jax.Array, top_k: int) -> tuple[jax.Array, jax.A
 
 
 def grouped_experts(
-    x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+    x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+    out_dtype=None,
 ) -> jax.Array:
-    """Apply the routed SwiGLU experts. x [N, H]; weights/experts [N, k]; w_* [E, ...] → [N, H]."""
+    """Apply the routed SwiGLU experts. x [N, H]; weights/experts [N, k]; w_* [E, ...] → [N, H].
+
+    An expert id equal to E means "not here" (another expert-parallel shard owns it): that
+    assignment contributes nothing. ``out_dtype`` defaults to ``x.dtype``.
+    """
     n, top_k = experts.shape
     num_experts = w_gate.shape[0]
     flat_experts = experts.reshape(-1)
@@ -44,13 +51,16 @@ def grouped_experts(
     up = jax.lax.ragged_dot(rows, w_up, group_sizes, preferred_element_type=jnp.float32)
     hidden = (jax.nn.silu(gate) * up).astype(x.dtype)
     down = jax.lax.ragged_dot(hidden, w_down, group_sizes, preferred_element_type=jnp.float32)
+    covered = jnp.arange(n * top_k) < jnp.sum(group_sizes)  # rows past the groups are "not here"
+    down = jnp.where(covered[:, None], down, 0.0)
     unsorted = jnp.zeros_like(down).at[order].set(down)
     combined = jnp.sum(unsorted.reshape(n, top_k, -1) * weights[..., None], axis=1)
-    return combined.astype(x.dtype)
+    return combined.astype(out_dtype or x.dtype)
 
 
 def grouped_experts_chunked(
-    x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+    x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+    out_dtype=None,
 ) -> jax.Array:
     """Same result as :func:`grouped_experts`, as a loop over fixed-size row chunks of each expert.
 
@@ -94,7 +104,36 @@ def grouped_experts_chunked(
     out = jax.lax.fori_loop(0, num_chunks, body, jnp.zeros((rows_total + chunk, hidden), jnp.float32))[:rows_total]
     unsorted = jnp.zeros_like(out).at[order].set(out)
     combined = jnp.sum(unsorted.reshape(n, top_k, -1) * weights[..., None], axis=1)
-    return combined.astype(x.dtype)
+    return combined.astype(out_dtype or x.dtype)
+
+
+def sharded_moe(x, router, w_gate, w_up, w_down, top_k: int, mesh, apply):
+    """The MoE block under ``jax.shard_map``: experts over the ``expert`` axis, each expert's
+    intermediate dimension over ``tensor``.
+
+    Replicate-and-mask: every shard routes all tokens (the router is tiny and replicated), runs
+    the assignments that land on its own experts and its own slice of the intermediate
+    dimension, and one ``psum`` over both axes adds the partial outputs. It moves the activations
+    once (an all-reduce of [tokens, hidden]) instead of two all-to-alls with capacity padding,
+    which suits decode-sized batches; prefill-heavy multi-host runs may prefer all_to_all.
+    """
+    from scalellm_jax.parallel import EXPERT, TENSOR
+
+    def local(x, router, w_gate, w_up, w_down):
+        weights, experts = route(x, router, top_k)
+        num_local = w_gate.shape[0]
+        local_ids = experts - jax.lax.axis_index(EXPERT) * num_local
+        here = (local_ids >= 0) & (local_ids < num_local)
+        partial = apply(
+            x, jnp.where(here, weights, 0.0), jnp.where(here, local_ids, num_local), w_gate, w_up, w_down,
+            out_dtype=jnp.float32,
+        )
+        return jax.lax.psum(partial, (EXPERT, TENSOR)).astype(x.dtype)
+
+    spec_in, spec_down = P(EXPERT, None, TENSOR), P(EXPERT, TENSOR, None)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(), spec_in, spec_in, spec_down), out_specs=P(), check_vma=False
+    )(x, router, w_gate, w_up, w_down)
 
 
 def dense_moe_reference(x, router, w_gate, w_up, w_down, top_k):
@@ -125,6 +164,7 @@ class SparseMoE(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
+    mesh: Mesh | None = None  # with a mesh: expert/tensor parallel under shard_map
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -135,7 +175,10 @@ class SparseMoE(nn.Module):
         w_up = self.param("w_up", init, (c.num_experts, c.hidden_size, c.intermediate_size), self.dtype)
         w_down = self.param("w_down", init, (c.num_experts, c.intermediate_size, c.hidden_size), self.dtype)
         flat = x.reshape(-1, x.shape[-1])
-        weights, experts = route(flat, router, c.num_experts_per_tok)
         apply = grouped_experts_chunked if resolve_moe_impl(self.impl) == "chunked" else grouped_experts
-        out = apply(flat, weights, experts, w_gate, w_up, w_down)
+        if self.mesh is not None and self.mesh.size > 1:
+            out = sharded_moe(flat, router, w_gate, w_up, w_down, c.num_experts_per_tok, self.mesh, apply)
+        else:
+            weights, experts = route(flat, router, c.num_experts_per_tok)
+            out = apply(flat, weights, experts, w_gate, w_up, w_down)
         return out.reshape(x.shape)

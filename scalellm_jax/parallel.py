@@ -1,0 +1,115 @@
+"""Device mesh and sharding rules for tensor (TP) and expert (EP) parallelism.
+
+The mesh has two named axes, ``expert`` and ``tensor``. Dense layers are sharded with
+PartitionSpecs and left to XLA's sharding propagation (attention heads over ``tensor``, the
+vocabulary of the output projection over ``tensor``); the MoE block runs under ``jax.shard_map``
+(see ``model/moe.py``): experts over ``expert``, each expert's intermediate dimension over
+``tensor``.
+
+Axis types are ``Auto`` on purpose: ``jax.make_mesh`` defaults to ``Explicit`` axes in recent
+jax, which would make every sharding part of the array types; the model code relies on
+propagation for the dense layers and is explicit only where it matters (shard_map).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from scalellm_jax.config import ConfigError, ModelConfig
+
+EXPERT, TENSOR = "expert", "tensor"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    expert_parallel_size: int = 1
+
+    def __post_init__(self):
+        for name in ("tensor_parallel_size", "expert_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def num_devices(self) -> int:
+        return self.tensor_parallel_size * self.expert_parallel_size
+
+    def check(self, config: ModelConfig) -> None:
+        """Raise ``ConfigError`` naming the option when the model cannot be split this way."""
+        tp, ep = self.tensor_parallel_size, self.expert_parallel_size
+        if config.num_kv_heads % tp and tp % config.num_kv_heads:
+            raise ConfigError(
+                f"tensor_parallel_size {tp} must divide num_kv_heads ({config.num_kv_heads}) or be a multiple of it"
+            )
+        if config.num_heads % tp:
+            raise ConfigError(f"tensor_parallel_size {tp} must divide num_heads ({config.num_heads})")
+        if config.intermediate_size % tp:
+            raise ConfigError(
+                f"tensor_parallel_size {tp} must divide intermediate_size ({config.intermediate_size})"
+            )
+        if config.num_experts % ep:
+            raise ConfigError(f"expert_parallel_size {ep} must divide num_experts ({config.num_experts})")
+
+
+def build_mesh(parallel: ParallelConfig, devices: list | None = None) -> Mesh:
+    """A (expert, tensor) mesh over the first ``num_devices`` devices."""
+    available = devices if devices is not None else jax.devices()
+    if parallel.num_devices > len(available):
+        raise ConfigError(
+            f"tensor_parallel_size × expert_parallel_size = {parallel.num_devices} devices, "
+            f"but only {len(available)} are visible"
+        )
+    return jax.make_mesh(
+        (parallel.expert_parallel_size, parallel.tensor_parallel_size),
+        (EXPERT, TENSOR),
+        axis_types=(AxisType.Auto, AxisType.Auto),
+        devices=available[: parallel.num_devices],
+    )
+
+
+def param_specs(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
+    """PartitionSpecs for every parameter of :class:`scalellm_jax.model.Mixtral`.
+
+    KV heads are sharded over ``tensor`` only when they divide evenly; otherwise (fewer kv heads
+    than the tensor axis) they are replicated and each device keeps all of them.
+    """
+    tp = mesh.shape[TENSOR]
+    kv_axis = TENSOR if config.num_kv_heads % tp == 0 else None
+    layer = {
+        "attn_norm": {"scale": P()},
+        "mlp_norm": {"scale": P()},
+        "attn": {
+            "wq": P(None, TENSOR, None),
+            "wk": P(None, kv_axis, None),
+            "wv": P(None, kv_axis, None),
+            "wo": P(TENSOR, None, None),
+        },
+        "moe": {
+            "router": P(),
+            "w_gate": P(EXPERT, None, TENSOR),
+            "w_up": P(EXPERT, None, TENSOR),
+            "w_down": P(EXPERT, TENSOR, None),
+        },
+    }
+    specs: dict[str, Any] = {"embed": {"embedding": P()}, "final_norm": {"scale": P()}}
+    specs.update({f"layers_{i}": layer for i in range(config.num_layers)})
+    if not config.tie_word_embeddings:
+        specs["lm_head"] = {"kernel": P(None, TENSOR)}
+    return specs
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec), param_specs(config, mesh), is_leaf=lambda x: isinstance(x, P)
+    )
+
+
+def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
+    """Place ``params`` on the mesh (each device receives only its shard)."""
+    return jax.device_put(params, param_shardings(config, mesh))

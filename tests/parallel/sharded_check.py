@@ -1,0 +1,46 @@
+"""Run in a subprocess with 8 fake CPU devices: sharded vs single-device logits, as JSON on stdout.
+
+Usage: python tests/parallel/sharded_check.py HF_DIR EP TP   (XLA_FLAGS must give 8 host devices)
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+import scalellm_jax
+from scalellm_jax import LLM, SamplingParams
+from scalellm_jax.parallel import ParallelConfig
+
+
+def main() -> None:
+    folder, ep, tp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    parallel = ParallelConfig(tensor_parallel_size=tp, expert_parallel_size=ep)
+    single = scalellm_jax.load(folder, dtype="float32")
+    sharded = scalellm_jax.load(folder, dtype="float32", parallel=parallel)
+    wq = sharded.params["layers_0"]["attn"]["wq"]
+    w_gate = sharded.params["layers_0"]["moe"]["w_gate"]
+    tokens = np.random.default_rng().integers(0, single.config.vocab_size, (3, 11))
+    a = np.asarray(single.logits(tokens))
+    b = np.asarray(sharded.logits(tokens))
+    prompts = [list(map(int, row[: n])) for row, n in zip(tokens, (2, 7, 11), strict=True)]
+    options = dict(warmup=False, page_size=4, num_pages=64, max_num_seqs=4, max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    plain = LLM(single, **options)
+    parallel_llm = LLM(folder, dtype="float32", tensor_parallel_size=tp, expert_parallel_size=ep, **options)
+    engine_tokens = [[o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+                     for llm in (plain, parallel_llm)]
+    print(json.dumps({
+        "engine_equal": engine_tokens[0] == engine_tokens[1],
+        "engine_mesh_shape": dict(parallel_llm.model.mesh.shape),
+        "devices": jax.device_count(),
+        "max_rel_err": float(np.abs(a - b).max() / np.abs(a).max()),
+        "wq_shard_shape": list(wq.addressable_shards[0].data.shape),
+        "w_gate_shard_shape": list(w_gate.addressable_shards[0].data.shape),
+        "generate_equal": scalellm_jax.generate(single, prompts, 8) == scalellm_jax.generate(sharded, prompts, 8),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Tensor/expert-parallel model on 8 fake CPU devices equals the single-device model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scalellm_jax.config import ConfigError, preset
+from scalellm_jax.parallel import ParallelConfig
+
+SCRIPT = Path(__file__).with_name("sharded_check.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_on_8_devices(folder, ep, tp) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(SCRIPT), str(folder), str(ep), str(tp)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep, tp", [(1, 8), (8, 1), (2, 4), (4, 2)])
+def test_sharded_logits_and_generate_equal_single_device(make_hf_mixtral, ep, tp):
+    folder, _ = make_hf_mixtral(
+        num_attention_heads=8, num_key_value_heads=8, num_local_experts=8, intermediate_size=64, sliding_window=6,
+    )
+    result = run_on_8_devices(folder, ep, tp)
+    assert result["devices"] == 8
+    assert result["max_rel_err"] < 1e-5
+    assert result["generate_equal"]
+    assert result["engine_equal"]
+    assert result["engine_mesh_shape"] == {"expert": ep, "tensor": tp}
+    assert result["wq_shard_shape"] == [32, 8 // tp, 4]  # heads split over the tensor axis
+    assert result["w_gate_shard_shape"] == [8 // ep, 32, 64 // tp]  # experts over expert, I over tensor
+
+
+def test_impossible_splits_name_the_option():
+    config = preset("tiny")  # 4 heads, 2 kv heads, 4 experts
+    with pytest.raises(ConfigError, match="expert_parallel_size 8"):
+        ParallelConfig(expert_parallel_size=8).check(config)
+    with pytest.raises(ConfigError, match="tensor_parallel_size 8"):
+        ParallelConfig(tensor_parallel_size=8).check(config)
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        ParallelConfig(tensor_parallel_size=0)
