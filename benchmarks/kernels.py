@@ -27,7 +27,6 @@ import functools
 import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from benchmarks.provenance import git_state
 from pallas_kernels import reference
 
 try:
@@ -180,11 +180,7 @@ def print_table(title, rows, key, metric, frac):
 
 
 def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
+    return git_state()["commit"]
 
 
 def main(argv=None):
