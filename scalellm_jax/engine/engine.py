@@ -16,6 +16,7 @@ import numpy as np
 
 from scalellm_jax.config import EngineConfig
 from scalellm_jax.engine.kv_manager import KVManager
+from scalellm_jax.engine.memory import device_memory_bytes, plan_memory
 from scalellm_jax.engine.policies import make_policy
 from scalellm_jax.engine.request import (
     Request,
@@ -29,10 +30,6 @@ from scalellm_jax.engine.scheduler import Scheduler, SchedulerConfig
 from scalellm_jax.loader import Model
 
 logger = logging.getLogger(__name__)
-
-# KV pages per sequence slot when the pool size cannot be derived from device memory (CPU).
-_CPU_PAGES_PER_SEQ = 64
-
 
 @dataclasses.dataclass
 class RequestOutput:
@@ -51,20 +48,6 @@ def default_kernels() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
-def resolve_num_pages(model: Model, config: EngineConfig, max_pages_per_seq: int) -> int:
-    """Pages for the KV pool: explicit, or what fits in ``gpu_memory_utilization`` of free device memory."""
-    if config.num_pages is not None:
-        return config.num_pages
-    c = model.config
-    itemsize = 1 if config.kv_cache_dtype == "int8" else np.dtype(model.dtype).itemsize
-    page_bytes = 2 * c.num_layers * c.num_kv_heads * config.page_size * c.head_dim * itemsize
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        free = stats["bytes_limit"] * config.gpu_memory_utilization - stats.get("bytes_in_use", 0)
-        return max(2, int(free // page_bytes))
-    return 1 + config.max_num_seqs * min(max_pages_per_seq, _CPU_PAGES_PER_SEQ)
-
-
 class LLMEngine:
     def __init__(
         self, model: Model, config: EngineConfig | None = None, *, tokenizer=None, interpret: bool = False
@@ -76,7 +59,13 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
         kernels = default_kernels() if config.attention_kernels == "auto" else config.attention_kernels
-        num_pages = resolve_num_pages(model, config, max_pages_per_seq)
+        mesh_shape = dict(model.mesh.shape) if model.mesh is not None else {}
+        self.memory_plan = plan_memory(
+            c, config, dtype=model.dtype, tp=mesh_shape.get("tensor", 1), ep=mesh_shape.get("expert", 1),
+            device_bytes=device_memory_bytes(jax.devices()[0]), max_pages_per_seq=max_pages_per_seq,
+        )
+        logger.info("%s", self.memory_plan.describe())
+        num_pages = self.memory_plan.num_pages
         self.kv = KVManager(num_pages, config.page_size, max_pages_per_seq)
         self.scheduler = Scheduler(
             SchedulerConfig(
