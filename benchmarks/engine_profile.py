@@ -85,7 +85,6 @@ def decode_step_ms(runner, rows: int, context: int, reps: int = 10) -> float:
         batch.kv_lengths[i] = context
         batch.cu_q_lens[i + 1] = i + 1
         batch.logits_index[i] = i
-    batch.num_rows = rows
     jax.block_until_ready(runner.execute(batch))
     times = []
     for _ in range(reps):

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scalellm_jax.engine.request import SamplingParams
 from scalellm_jax.engine.sampling import sample
 from scalellm_jax.loader import Model, check_token_range
 from scalellm_jax.model import DenseCacheAttention, Mixtral
@@ -64,12 +65,7 @@ def generate(
     config = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be ≥ 0, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # the engine's checks, field-named
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {i} is empty")

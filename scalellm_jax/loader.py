@@ -112,7 +112,7 @@ def load(path: str | Path, dtype: str | Any = "bfloat16", parallel=None) -> Mode
     With ``parallel`` (a :class:`scalellm_jax.parallel.ParallelConfig`), every tensor goes straight
     to its shards on the mesh as it is read: no device ever holds the whole model.
     """
-    from checkpoints_tools.hf_layout import iter_params_from_hf
+    from checkpoints_tools.hf_layout import get_path, iter_params_from_hf
     from checkpoints_tools.orbax_io import is_converted, read_config, read_converted
     from checkpoints_tools.safetensors_io import HFCheckpoint
     from scalellm_jax.parallel import build_mesh, param_shardings
@@ -134,12 +134,7 @@ def load(path: str | Path, dtype: str | Any = "bfloat16", parallel=None) -> Mode
     checkpoint = HFCheckpoint(path)
     flat = {}
     for p, array in iter_params_from_hf(checkpoint, config, dtype=name):
-        flat[p] = jax.device_put(array, _get(shardings, p)) if shardings is not None else jnp.asarray(array)
+        flat[p] = jax.device_put(array, get_path(shardings, p)) if shardings is not None else jnp.asarray(array)
     logger.info("loaded %d tensors from %s", len(flat), path)
     return Model(config, _nest(flat), name, mesh)
 
-
-def _get(tree: dict, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree

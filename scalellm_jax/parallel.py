@@ -73,14 +73,21 @@ def build_mesh(parallel: ParallelConfig, devices: list | None = None) -> Mesh:
     )
 
 
-def param_specs(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
-    """PartitionSpecs for every parameter of :class:`scalellm_jax.model.Mixtral`.
+def kv_head_shards(config: ModelConfig, tp: int) -> int:
+    """Devices the KV heads are split over: all of the tensor axis when they divide evenly, else 1
+    (fewer kv heads than the tensor axis: every device keeps all of them)."""
+    return tp if config.num_kv_heads % tp == 0 else 1
 
-    KV heads are sharded over ``tensor`` only when they divide evenly; otherwise (fewer kv heads
-    than the tensor axis) they are replicated and each device keeps all of them.
-    """
+
+# Expert weights: experts over ``expert``, each expert's intermediate dimension over ``tensor``.
+EXPERT_IN_SPEC = P(EXPERT, None, TENSOR)  # w_gate, w_up [E, H, I]
+EXPERT_OUT_SPEC = P(EXPERT, TENSOR, None)  # w_down [E, I, H]
+
+
+def param_specs(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
+    """PartitionSpecs for every parameter of :class:`scalellm_jax.model.Mixtral`."""
     tp = mesh.shape[TENSOR]
-    kv_axis = TENSOR if config.num_kv_heads % tp == 0 else None
+    kv_axis = TENSOR if kv_head_shards(config, tp) == tp else None
     layer = {
         "attn_norm": {"scale": P()},
         "mlp_norm": {"scale": P()},
@@ -92,9 +99,9 @@ def param_specs(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
         },
         "moe": {
             "router": P(),
-            "w_gate": P(EXPERT, None, TENSOR),
-            "w_up": P(EXPERT, None, TENSOR),
-            "w_down": P(EXPERT, TENSOR, None),
+            "w_gate": EXPERT_IN_SPEC,
+            "w_up": EXPERT_IN_SPEC,
+            "w_down": EXPERT_OUT_SPEC,
         },
     }
     specs: dict[str, Any] = {"embed": {"embedding": P()}, "final_norm": {"scale": P()}}

@@ -53,8 +53,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in input order.
 
-        Every prompt is validated before any is queued, so a bad one raises ``ValueError`` (naming
-        the field and the prompt index) without leaving half a batch in the engine.
+        A bad prompt raises ``ValueError`` (naming the field and the prompt index) and the prompts
+        queued before it are aborted, so no half batch is left in the engine.
         """
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass exactly one of prompts or prompt_token_ids")
@@ -69,16 +69,11 @@ class LLM:
             if len(params) != len(prompt_token_ids):
                 raise ValueError(f"sampling_params: got {len(params)} for {len(prompt_token_ids)} prompts")
         engine = self.engine
-        for i, (ids, p) in enumerate(zip(prompt_token_ids, params, strict=True)):
-            try:
-                engine.check_request(ids, p)
-            except ValueError as exc:
-                raise ValueError(f"prompt {i}: {exc}") from None
         order: list[str] = []
         for i, (ids, p) in enumerate(zip(prompt_token_ids, params, strict=True)):
             try:
                 order.append(engine.add_request(ids, p))
-            except ValueError as exc:  # e.g. more KV than fits per request: leave nothing queued
+            except ValueError as exc:  # the bad prompt is rejected untouched; undo the ones before it
                 for rid in order:
                     engine.abort(rid)
                 raise ValueError(f"prompt {i}: {exc}") from None

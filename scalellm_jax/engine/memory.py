@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from scalellm_jax.config import ConfigError, EngineConfig, ModelConfig
+from scalellm_jax.parallel import kv_head_shards
 
 GIB = 1024**3
 
@@ -41,8 +42,7 @@ class MemoryPlan:
 def weights_bytes_per_device(config: ModelConfig, itemsize: int, tp: int, ep: int) -> int:
     """Bytes of parameters one device holds under the sharding rules of ``scalellm_jax.parallel``."""
     c = config
-    kv_shards = tp if c.num_kv_heads % tp == 0 else 1
-    attn = c.hidden_size * c.head_dim * (2 * c.num_heads / tp + 2 * c.num_kv_heads / kv_shards)
+    attn = c.hidden_size * c.head_dim * (2 * c.num_heads / tp + 2 * c.num_kv_heads / kv_head_shards(c, tp))
     experts = 3 * c.num_experts * c.hidden_size * c.intermediate_size / (tp * ep)
     per_layer = attn + experts + c.hidden_size * c.num_experts + 2 * c.hidden_size
     embed = c.vocab_size * c.hidden_size
@@ -51,8 +51,7 @@ def weights_bytes_per_device(config: ModelConfig, itemsize: int, tp: int, ep: in
 
 
 def page_bytes_per_device(config: ModelConfig, page_size: int, kv_itemsize: int, tp: int) -> int:
-    kv_shards = tp if config.num_kv_heads % tp == 0 else 1
-    heads = config.num_kv_heads // kv_shards
+    heads = config.num_kv_heads // kv_head_shards(config, tp)
     values = 2 * heads * page_size * config.head_dim * kv_itemsize
     scales = 2 * heads * page_size * 4 if kv_itemsize == 1 else 0
     return config.num_layers * (values + scales)

@@ -66,7 +66,6 @@ class StepBatch:
     seeds: np.ndarray
     steps: np.ndarray
     want_logprobs: np.ndarray
-    num_rows: int
 
 
 def _step(module, params, pools, tokens, positions, meta, logits_index, temperature, top_k, top_p, seeds, steps,
@@ -132,11 +131,10 @@ class ModelRunner:
 
     def prepare(self, scheduled: list[ScheduledRequest], kv) -> StepBatch:
         """Flatten the scheduled requests into padded numpy arrays for one step."""
-        num_rows = len(scheduled)
         num_tokens = sum(s.num_new_tokens for s in scheduled)
-        decode_only = all(s.num_new_tokens == 1 for s in scheduled)
+        decode_only = num_tokens == len(scheduled)  # one token per row
         if decode_only:
-            rows = n_tok = bucket_for(num_rows, self.seq_buckets)
+            rows = n_tok = bucket_for(len(scheduled), self.seq_buckets)
         else:
             rows, n_tok = self.max_num_seqs, bucket_for(num_tokens, self.token_buckets)
         batch = self._empty(decode_only, n_tok, rows)
@@ -159,7 +157,6 @@ class ModelRunner:
             batch.steps[i] = request.num_output_tokens
             batch.want_logprobs[i] = params.logprobs
             offset = end
-        batch.num_rows = num_rows
         return batch
 
     def _empty(self, decode_only: bool, num_tokens: int, rows: int) -> StepBatch:
@@ -178,7 +175,6 @@ class ModelRunner:
             seeds=np.zeros(rows, np.uint32),
             steps=np.zeros(rows, np.int32),
             want_logprobs=np.zeros(rows, bool),
-            num_rows=0,
         )
 
     # ------------------------------------------------------------------ device side

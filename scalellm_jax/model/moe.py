@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from scalellm_jax.config import ModelConfig
+from scalellm_jax.parallel import EXPERT, EXPERT_IN_SPEC, EXPERT_OUT_SPEC, TENSOR
 
 
 def route(x: jax.Array, router: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
@@ -31,6 +32,22 @@ def route(x: jax.Array, router: jax.Array, top_k: int) -> tuple[jax.Array, jax.A
     return weights, experts.astype(jnp.int32)
 
 
+def _sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """Order of the flattened (token, k) assignments sorted by expert, and rows per expert.
+
+    Ids equal to ``num_experts`` ("not on this shard") sort last and are not counted.
+    """
+    flat = experts.reshape(-1)
+    return jnp.argsort(flat, stable=True), jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+
+
+def _combine(sorted_out: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
+    """Undo the expert sort and sum each token's k expert outputs by its routing weights (float32)."""
+    n, top_k = weights.shape
+    unsorted = jnp.zeros_like(sorted_out).at[order].set(sorted_out)
+    return jnp.sum(unsorted.reshape(n, top_k, -1) * weights[..., None], axis=1)
+
+
 def grouped_experts(
     x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
     out_dtype=None,
@@ -40,22 +57,15 @@ def grouped_experts(
     An expert id equal to E means "not here" (another expert-parallel shard owns it): that
     assignment contributes nothing. ``out_dtype`` defaults to ``x.dtype``.
     """
-    n, top_k = experts.shape
-    num_experts = w_gate.shape[0]
-    flat_experts = experts.reshape(-1)
-    order = jnp.argsort(flat_experts, stable=True)
-    token_of_row = order // top_k
-    rows = x[token_of_row]
-    group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
+    order, group_sizes = _sort_by_expert(experts, w_gate.shape[0])
+    rows = x[order // experts.shape[1]]
     gate = jax.lax.ragged_dot(rows, w_gate, group_sizes, preferred_element_type=jnp.float32)
     up = jax.lax.ragged_dot(rows, w_up, group_sizes, preferred_element_type=jnp.float32)
     hidden = (jax.nn.silu(gate) * up).astype(x.dtype)
     down = jax.lax.ragged_dot(hidden, w_down, group_sizes, preferred_element_type=jnp.float32)
-    covered = jnp.arange(n * top_k) < jnp.sum(group_sizes)  # rows past the groups are "not here"
+    covered = jnp.arange(experts.size) < jnp.sum(group_sizes)  # rows past the groups are "not here"
     down = jnp.where(covered[:, None], down, 0.0)
-    unsorted = jnp.zeros_like(down).at[order].set(down)
-    combined = jnp.sum(unsorted.reshape(n, top_k, -1) * weights[..., None], axis=1)
-    return combined.astype(out_dtype or x.dtype)
+    return _combine(down, order, weights).astype(out_dtype or x.dtype)
 
 
 def grouped_experts_chunked(
@@ -69,17 +79,14 @@ def grouped_experts_chunked(
     experts; a ``fori_loop`` with a traced trip count runs one small matmul triple per chunk, so
     the work is at most (routed rows + num_experts × chunk) rows whatever the routing.
     """
-    n, top_k = experts.shape
     num_experts, hidden = w_gate.shape[0], x.shape[1]
-    rows_total = n * top_k
+    rows_total = experts.size
     # A chunk of at least 32 rows: at decode sizes (~16 rows per expert) one chunk per expert
     # beats two half-empty ones (one weight read, one matmul triple); larger batches use the mean.
     chunk = max(32, 1 << max(0, (rows_total // num_experts - 1)).bit_length())
     max_chunks = -(-rows_total // chunk) + num_experts
-    flat_experts = experts.reshape(-1)
-    order = jnp.argsort(flat_experts, stable=True)
-    rows = jnp.concatenate([x[order // top_k], jnp.zeros((chunk, hidden), x.dtype)])
-    counts = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
+    order, counts = _sort_by_expert(experts, num_experts)
+    rows = jnp.concatenate([x[order // experts.shape[1]], jnp.zeros((chunk, hidden), x.dtype)])
     ends = jnp.cumsum(counts)
     starts = ends - counts
     chunks_per_expert = -(-counts // chunk)
@@ -102,9 +109,7 @@ def grouped_experts_chunked(
 
     num_chunks = jnp.sum(chunks_per_expert)
     out = jax.lax.fori_loop(0, num_chunks, body, jnp.zeros((rows_total + chunk, hidden), jnp.float32))[:rows_total]
-    unsorted = jnp.zeros_like(out).at[order].set(out)
-    combined = jnp.sum(unsorted.reshape(n, top_k, -1) * weights[..., None], axis=1)
-    return combined.astype(out_dtype or x.dtype)
+    return _combine(out, order, weights).astype(out_dtype or x.dtype)
 
 
 def sharded_moe(x, router, w_gate, w_up, w_down, top_k: int, mesh, apply):
@@ -117,8 +122,6 @@ def sharded_moe(x, router, w_gate, w_up, w_down, top_k: int, mesh, apply):
     once (an all-reduce of [tokens, hidden]) instead of two all-to-alls with capacity padding,
     which suits decode-sized batches; prefill-heavy multi-host runs may prefer all_to_all.
     """
-    from scalellm_jax.parallel import EXPERT, TENSOR
-
     def local(x, router, w_gate, w_up, w_down):
         weights, experts = route(x, router, top_k)
         num_local = w_gate.shape[0]
@@ -130,10 +133,10 @@ def sharded_moe(x, router, w_gate, w_up, w_down, top_k: int, mesh, apply):
         )
         return jax.lax.psum(partial, (EXPERT, TENSOR)).astype(x.dtype)
 
-    spec_in, spec_down = P(EXPERT, None, TENSOR), P(EXPERT, TENSOR, None)
-    return jax.shard_map(
-        local, mesh=mesh, in_specs=(P(), P(), spec_in, spec_in, spec_down), out_specs=P(), check_vma=False
-    )(x, router, w_gate, w_up, w_down)
+    specs = (P(), P(), EXPERT_IN_SPEC, EXPERT_IN_SPEC, EXPERT_OUT_SPEC)
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(
+        x, router, w_gate, w_up, w_down
+    )
 
 
 def dense_moe_reference(x, router, w_gate, w_up, w_down, top_k):

@@ -36,6 +36,12 @@ class PagedMeta(NamedTuple):
     cu_q_lens: jax.Array
 
 
+def _unpack(layer_cache):
+    """(k_pages, v_pages) or (k_pages, v_pages, k_scales, v_scales) → pages and the scale kwargs."""
+    scales = {"k_scales": layer_cache[2], "v_scales": layer_cache[3]} if len(layer_cache) == 4 else {}
+    return layer_cache[0], layer_cache[1], scales
+
+
 @dataclasses.dataclass(frozen=True)
 class PagedAttention:
     sliding_window: int | None
@@ -51,14 +57,9 @@ class PagedAttention:
     def __call__(self, q, k, v, positions, layer_cache, meta: PagedMeta):
         lib = pallas_kernels if self.kernels == "pallas" else xla
         interpret = {"interpret": self.interpret}
-        quantized = len(layer_cache) == 4
-        k_pages, v_pages = layer_cache[:2]
-        scales = {"k_scales": layer_cache[2], "v_scales": layer_cache[3]} if quantized else {}
-        written = lib.write_kv(k_pages, v_pages, k[0], v[0], meta.slot_mapping, **scales, **interpret)
-        layer_cache = tuple(written)
-        k_pages, v_pages = layer_cache[:2]
-        if quantized:
-            scales = {"k_scales": layer_cache[2], "v_scales": layer_cache[3]}
+        k_pages, v_pages, scales = _unpack(layer_cache)
+        layer_cache = tuple(lib.write_kv(k_pages, v_pages, k[0], v[0], meta.slot_mapping, **scales, **interpret))
+        k_pages, v_pages, scales = _unpack(layer_cache)
         common = dict(scale=self.scale, sliding_window=self.sliding_window, **scales, **interpret)
         if self.decode_only:
             out = lib.paged_decode_attention(q[0], k_pages, v_pages, meta.page_table, meta.kv_lengths, **common)
