@@ -17,6 +17,19 @@ def row_keys(seeds: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.key)(seeds.astype(jnp.uint32))
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` as int32 (first index of the maximum), ~4× faster on XLA:CPU.
+
+    XLA:CPU runs argmax as a slow variadic (value, index) reduce; a max then a min over the
+    matching indices are two fast plain reductions (2.3 ms instead of 10 ms for 64 × 32000).
+    A row holding NaN maps to the last index instead of the NaN's, still a valid token id.
+    """
+    size = x.shape[-1]
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    first = jnp.min(jnp.where(x == jnp.max(x, axis=-1, keepdims=True), iota, size), axis=-1)
+    return jnp.minimum(first, size - 1)
+
+
 def _thresholds(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Per row, the smallest logit that top-k then top-p keep (top-p over the top-k renormalised).
 
@@ -51,7 +64,7 @@ def sample(
     row's result.
     """
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(logits)
     sampling = temperature > 0
     scaled = logits / jnp.where(sampling, temperature, 1.0)[:, None]
     filtered = sampling & ((top_k > 0) | (top_p < 1))
@@ -66,7 +79,7 @@ def sample(
         step_keys = jax.vmap(jax.random.fold_in)(keys, steps.astype(jnp.uint32))
         noise = jax.vmap(lambda key: jax.random.gumbel(key, scaled.shape[-1:], jnp.float32))(step_keys)
         candidates = jnp.where(scaled >= threshold[:, None], scaled + noise, -jnp.inf)
-        return jnp.argmax(candidates, axis=-1).astype(jnp.int32)
+        return first_argmax(candidates)
 
     sampled = jax.lax.cond(jnp.any(sampling), draw, lambda: greedy)
     return jnp.where(sampling, sampled, greedy)

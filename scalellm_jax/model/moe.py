@@ -3,9 +3,10 @@
 Tokens are grouped by expert so each expert's weights are read once per step and no FLOPs go to
 experts a token was not routed to, unlike the "run every expert on every token" formulation
 (``dense_moe_reference``, kept for tests), which costs num_experts/top_k times the FLOPs. The
-grouped matmul is ``jax.lax.ragged_dot`` on accelerators and a chunked loop on CPU, where XLA
-lowers ``ragged_dot`` densely (measured at batch 64, Mixtral-like 512/1792 dims, 8 experts:
-ragged 114 ms, dense 67 ms, chunked 25 ms per layer).
+grouped matmul is ``jax.lax.ragged_dot`` on accelerators and, on CPU, where XLA lowers
+``ragged_dot`` densely, a capacity-batched matmul plus an exact overflow loop (measured at batch
+64, Mixtral-like 512/1792 dims, 8 experts, 2 cores: ragged 114 ms, dense 67 ms, chunk loop 8.9 ms,
+capacity + overflow 5.6 ms per layer).
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ def _combine(sorted_out: jax.Array, order: jax.Array, weights: jax.Array) -> jax
 
 def grouped_experts(
     x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-    out_dtype=None,
+    out_dtype=None, expected_rows: int | None = None,
 ) -> jax.Array:
     """Apply the routed SwiGLU experts. x [N, H]; weights/experts [N, k]; w_* [E, ...] → [N, H].
 
     An expert id equal to E means "not here" (another expert-parallel shard owns it): that
-    assignment contributes nothing. ``out_dtype`` defaults to ``x.dtype``.
+    assignment contributes nothing. ``out_dtype`` defaults to ``x.dtype``. ``expected_rows`` (how
+    many assignments are expected to be here) only sizes the CPU version's buffers.
     """
     order, group_sizes = _sort_by_expert(experts, w_gate.shape[0])
     rows = x[order // experts.shape[1]]
@@ -70,45 +72,64 @@ def grouped_experts(
 
 def grouped_experts_chunked(
     x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-    out_dtype=None,
+    out_dtype=None, expected_rows: int | None = None,
 ) -> jax.Array:
-    """Same result as :func:`grouped_experts`, as a loop over fixed-size row chunks of each expert.
+    """Same result as :func:`grouped_experts`, in two CPU-friendly passes over expert-sorted rows.
 
     XLA:CPU lowers ``ragged_dot`` to a dense product against every group (num_experts × the
-    FLOPs). Here rows are sorted by expert and walked in chunks of ``chunk`` rows that never mix
-    experts; a ``fori_loop`` with a traced trip count runs one small matmul triple per chunk, so
-    the work is at most (routed rows + num_experts × chunk) rows whatever the routing.
+    FLOPs). Instead: (1) the first ``capacity`` rows of every expert (about 1.5× the mean load)
+    go through one batched matmul triple over all experts, which XLA runs multi-threaded;
+    (2) rows past an expert's capacity, if any, are walked in chunks that never mix experts by a
+    ``fori_loop`` with a traced trip count (zero iterations under balanced routing). The result is
+    exact for any routing; work is at most (E × capacity + overflow + E × chunk) rows. Under expert
+    parallelism most assignments belong to other shards: ``expected_rows`` (those expected here)
+    sizes the capacity from the local share, not from every row.
+    Measured at batch 64 with 512/1792 dims and 8 experts on 2 cores: 5.6 ms per layer against
+    8.9 ms for the chunk loop alone.
     """
     num_experts, hidden = w_gate.shape[0], x.shape[1]
     rows_total = experts.size
-    # A chunk of at least 32 rows: at decode sizes (~16 rows per expert) one chunk per expert
-    # beats two half-empty ones (one weight read, one matmul triple); larger batches use the mean.
-    chunk = max(32, 1 << max(0, (rows_total // num_experts - 1)).bit_length())
-    max_chunks = -(-rows_total // chunk) + num_experts
+    mean_load = -(-(expected_rows or rows_total) // num_experts)
+    capacity = min(rows_total, max(8, -(-3 * mean_load // 16) * 8))  # 1.5 × mean, a multiple of 8
+    chunk = max(32, 1 << max(0, mean_load - 1).bit_length())
     order, counts = _sort_by_expert(experts, num_experts)
-    rows = jnp.concatenate([x[order // experts.shape[1]], jnp.zeros((chunk, hidden), x.dtype)])
+    token_of = order // experts.shape[1]
     ends = jnp.cumsum(counts)
     starts = ends - counts
-    chunks_per_expert = -(-counts // chunk)
+
+    def swiglu(rows, e_gate, e_up, e_down):  # rows [..., R, H] against one or a batch of experts
+        gate = jnp.matmul(rows, e_gate, preferred_element_type=jnp.float32)
+        up = jnp.matmul(rows, e_up, preferred_element_type=jnp.float32)
+        return jnp.matmul((jax.nn.silu(gate) * up).astype(x.dtype), e_down, preferred_element_type=jnp.float32)
+
+    # (1) capacity pass: [E, capacity] slots into the sorted order; empty slots read row 0, masked.
+    slot = starts[:, None] + jnp.arange(capacity)[None, :]
+    live = jnp.arange(capacity)[None, :] < counts[:, None]
+    tokens = jnp.where(live, token_of[jnp.clip(slot, 0, rows_total - 1)], 0)
+    dense = swiglu(x[tokens], w_gate, w_up, w_down)  # [E, capacity, H]
+    out = jnp.zeros((rows_total + chunk, hidden), jnp.float32)
+    out = out.at[jnp.where(live, slot, rows_total)].set(jnp.where(live[..., None], dense, 0.0))
+
+    # (2) overflow: rows [starts + capacity, ends) of each expert, chunk by chunk.
+    over_start = starts + jnp.minimum(counts, capacity)
+    over_counts = counts - (over_start - starts)
+    rows = jnp.concatenate([x[token_of], jnp.zeros((chunk, hidden), x.dtype)])
+    chunks_per_expert = -(-over_counts // chunk)
     first_chunk = jnp.cumsum(chunks_per_expert) - chunks_per_expert
+    max_chunks = -(-rows_total // chunk) + num_experts
     chunk_ids = jnp.arange(max_chunks)
     chunk_expert = jnp.clip(jnp.searchsorted(first_chunk + chunks_per_expert, chunk_ids, side="right"),
                             0, num_experts - 1)
-    chunk_start = starts[chunk_expert] + (chunk_ids - first_chunk[chunk_expert]) * chunk
+    chunk_start = over_start[chunk_expert] + (chunk_ids - first_chunk[chunk_expert]) * chunk
 
     def body(c, out):
         e, start = chunk_expert[c], chunk_start[c]
-        block = jax.lax.dynamic_slice_in_dim(rows, start, chunk)
-        gate = jnp.dot(block, w_gate[e], preferred_element_type=jnp.float32)
-        up = jnp.dot(block, w_up[e], preferred_element_type=jnp.float32)
-        hidden_act = (jax.nn.silu(gate) * up).astype(x.dtype)
-        down = jnp.dot(hidden_act, w_down[e], preferred_element_type=jnp.float32)
+        down = swiglu(jax.lax.dynamic_slice_in_dim(rows, start, chunk), w_gate[e], w_up[e], w_down[e])
         live = (start + jnp.arange(chunk)) < ends[e]
         current = jax.lax.dynamic_slice_in_dim(out, start, chunk)
         return jax.lax.dynamic_update_slice_in_dim(out, current + jnp.where(live[:, None], down, 0.0), start, 0)
 
-    num_chunks = jnp.sum(chunks_per_expert)
-    out = jax.lax.fori_loop(0, num_chunks, body, jnp.zeros((rows_total + chunk, hidden), jnp.float32))[:rows_total]
+    out = jax.lax.fori_loop(0, jnp.sum(chunks_per_expert), body, out)[:rows_total]
     return _combine(out, order, weights).astype(out_dtype or x.dtype)
 
 
@@ -129,7 +150,7 @@ def sharded_moe(x, router, w_gate, w_up, w_down, top_k: int, mesh, apply):
         here = (local_ids >= 0) & (local_ids < num_local)
         partial = apply(
             x, jnp.where(here, weights, 0.0), jnp.where(here, local_ids, num_local), w_gate, w_up, w_down,
-            out_dtype=jnp.float32,
+            out_dtype=jnp.float32, expected_rows=experts.size // mesh.shape[EXPERT],
         )
         return jax.lax.psum(partial, (EXPERT, TENSOR)).astype(x.dtype)
 

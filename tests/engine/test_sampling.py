@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scalellm_jax.engine.sampling import row_keys, sample, token_logprobs
+from scalellm_jax.engine.sampling import first_argmax, row_keys, sample, token_logprobs
 
 
 def draw(logits, seeds, steps, temperature, top_k, top_p):
@@ -66,3 +66,15 @@ def test_a_row_draw_does_not_depend_on_the_other_rows_parameters():
     mixed = run([0.9, 1.0, 0.5, 0.0], [0, 5, 0, 3], [1.0, 0.8, 0.3, 1.0])  # others filtered: sort runs
     assert plain[0] == mixed[0]
     assert plain[3] == mixed[3] == int(np.argmax(np.asarray(logits[3])))
+
+
+def test_first_argmax_matches_argmax_with_ties_and_stays_in_range_on_nan():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((9, 1000)).astype(np.float32)
+    x[1, [3, 700]] = 50.0  # a tie: the first index wins, like argmax
+    x[2] = -np.inf
+    x[3, 5] = np.inf
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+    x[4, 10] = np.nan
+    got = int(first_argmax(jnp.asarray(x))[4])
+    assert 0 <= got < x.shape[1]

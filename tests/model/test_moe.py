@@ -52,3 +52,18 @@ def test_all_tokens_on_one_expert():
     got = grouped_experts_chunked(x, weights, ids, w_gate, w_up, w_down)
     expected = grouped_experts(x, weights, ids, w_gate, w_up, w_down)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens", [3, 64, 200])
+def test_chunked_experts_skewed_routing_and_foreign_ids(num_tokens):
+    """Overflow past an expert's capacity and ids meaning "another shard's expert" (== E) stay exact."""
+    experts = 4
+    x, router, w_gate, w_up, w_down = random_moe(num_tokens, 16, 24, experts)
+    rng = np.random.default_rng(num_tokens)
+    ids = rng.choice(experts + 1, size=(num_tokens, 2), p=[0.6, 0.1, 0.05, 0.05, 0.2]).astype(np.int32)
+    weights = jnp.asarray(rng.random((num_tokens, 2)), jnp.float32)
+    got = grouped_experts_chunked(x, weights, jnp.asarray(ids), w_gate, w_up, w_down)
+    mask = ids < experts
+    expected = grouped_experts(x, jnp.where(mask, weights, 0.0), jnp.asarray(np.where(mask, ids, experts)),
+                               w_gate, w_up, w_down)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
