@@ -199,7 +199,8 @@ def read_converted(
     cfg, _ = read_config(path)
     meta = stored_metadata(path, cfg)
     target = resolve_dtype(dtype)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # local_devices, not devices: under jax.distributed, devices()[0] belongs to process 0.
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract: dict[str, Any] = {}
     for p, leaf in meta.items():
         if shardings is None:

@@ -110,12 +110,16 @@ def load(path: str | Path, dtype: str | Any = "bfloat16", parallel=None) -> Mode
     """Load a Hugging Face Mixtral folder (safetensors, single or sharded) or a converted folder.
 
     With ``parallel`` (a :class:`scalellm_jax.parallel.ParallelConfig`), every tensor goes straight
-    to its shards on the mesh as it is read: no device ever holds the whole model.
+    to its shards on the mesh as it is read: no device ever holds the whole model. After
+    ``scalellm_jax.distributed.initialize_from_env`` the mesh spans every process; each process
+    must call ``load`` with the same arguments and places only its own devices' shards (outputs
+    such as ``logits`` are then global arrays: gather them with
+    ``jax.experimental.multihost_utils.process_allgather``).
     """
     from checkpoints_tools.hf_layout import get_path, iter_params_from_hf
     from checkpoints_tools.orbax_io import is_converted, read_config, read_converted
     from checkpoints_tools.safetensors_io import HFCheckpoint
-    from scalellm_jax.parallel import build_mesh, param_shardings
+    from scalellm_jax.parallel import build_mesh, param_shardings, put_global
 
     name = dtype_name(dtype)
     path = Path(path)
@@ -134,7 +138,7 @@ def load(path: str | Path, dtype: str | Any = "bfloat16", parallel=None) -> Mode
     checkpoint = HFCheckpoint(path)
     flat = {}
     for p, array in iter_params_from_hf(checkpoint, config, dtype=name):
-        flat[p] = jax.device_put(array, get_path(shardings, p)) if shardings is not None else jnp.asarray(array)
+        flat[p] = put_global(array, get_path(shardings, p)) if shardings is not None else jnp.asarray(array)
     logger.info("loaded %d tensors from %s", len(flat), path)
     return Model(config, _nest(flat), name, mesh)
 

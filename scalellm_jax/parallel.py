@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -58,18 +59,32 @@ class ParallelConfig:
 
 
 def build_mesh(parallel: ParallelConfig, devices: list | None = None) -> Mesh:
-    """A (expert, tensor) mesh over the first ``num_devices`` devices."""
+    """A (expert, tensor) mesh over the first ``num_devices`` devices.
+
+    After ``jax.distributed.initialize`` (see ``scalellm_jax.distributed``), ``jax.devices()`` lists
+    the devices of every process, process by process, so ``tensor`` (the inner axis) stays within a
+    host when ``tensor_parallel_size`` divides its local device count and ``expert`` spans the hosts.
+    """
     available = devices if devices is not None else jax.devices()
     if parallel.num_devices > len(available):
         raise ConfigError(
             f"tensor_parallel_size × expert_parallel_size = {parallel.num_devices} devices, "
             f"but only {len(available)} are visible"
         )
+    chosen = available[: parallel.num_devices]
+    left_out = sorted({d.process_index for d in available} - {d.process_index for d in chosen})
+    if left_out:
+        # A process without a device in the mesh would load nothing and could run nothing.
+        raise ConfigError(
+            f"tensor_parallel_size × expert_parallel_size = {parallel.num_devices} devices leaves "
+            f"process(es) {left_out} out of the mesh; use all {len(available)} devices of the "
+            f"{jax.process_count()} processes"
+        )
     return jax.make_mesh(
         (parallel.expert_parallel_size, parallel.tensor_parallel_size),
         (EXPERT, TENSOR),
         axis_types=(AxisType.Auto, AxisType.Auto),
-        devices=available[: parallel.num_devices],
+        devices=chosen,
     )
 
 
@@ -117,6 +132,20 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
     )
 
 
+def put_global(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Place ``value`` (the whole array, a host or local-device copy) with ``sharding``.
+
+    Within one process this is ``jax.device_put``. When ``sharding`` spans devices of other
+    processes, every process holds the same value and builds only its own devices' shards from
+    it: ``device_put`` would instead first all-gather the whole array from every process to check
+    that the copies agree, one cross-host transfer of every full tensor.
+    """
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
     """Place ``params`` on the mesh (each device receives only its shard)."""
-    return jax.device_put(params, param_shardings(config, mesh))
+    return jax.tree.map(put_global, params, param_shardings(config, mesh))

@@ -9,6 +9,12 @@ backend scatters this step's keys/values into and then attends over through the 
 from ``pallas_kernels.xla``, the CPU path, whose cost follows the real sequence lengths).
 ``decode_only`` (static, chosen per shape bucket by the runner) routes pure-decode steps to the
 decode kernel.
+
+Tensor parallelism (``mesh`` with a ``tensor`` axis > 1): the kernels run under ``jax.shard_map``,
+each device on its own query heads and its own slice of the KV pools (pools sharded over KV heads,
+see ``kv_pool_spec``), so no device ever reads another's KV. When the KV heads do not divide over
+the tensor axis every device keeps all of them and attends with all query heads (the pools are
+then replicated, as in ``kv_head_shards``).
 """
 
 from __future__ import annotations
@@ -17,9 +23,19 @@ import dataclasses
 from typing import NamedTuple
 
 import jax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from pallas_kernels import xla
+from scalellm_jax.parallel import TENSOR
+
+
+def kv_pool_spec(num_kv_heads: int, mesh: Mesh | None) -> P:
+    """How a KV pool ``[num_kv_heads, num_pages, page_size, ...]`` is laid out over ``mesh``."""
+    if mesh is None or mesh.shape.get(TENSOR, 1) == 1 or num_kv_heads % mesh.shape[TENSOR]:
+        return P()
+    return P(TENSOR)
 
 
 class PagedMeta(NamedTuple):
@@ -49,12 +65,24 @@ class PagedAttention:
     kernels: str = "xla"
     decode_only: bool = False
     interpret: bool = False
+    mesh: Mesh | None = None  # tensor parallel: run the kernels per device under shard_map
 
     def __post_init__(self):
         if self.kernels not in ("pallas", "xla"):
             raise ValueError(f"attention kernels must be 'pallas' or 'xla', got {self.kernels!r}")
 
     def __call__(self, q, k, v, positions, layer_cache, meta: PagedMeta):
+        if self.mesh is None or self.mesh.shape.get(TENSOR, 1) == 1:
+            return self._attend(q, k, v, layer_cache, meta)
+        pool = kv_pool_spec(k.shape[2], self.mesh)
+        heads = P(None, None, TENSOR) if pool == P(TENSOR) else P()  # [1, tokens, heads, head_dim]
+        cache_specs = tuple(pool for _ in layer_cache)
+        return jax.shard_map(
+            self._attend, mesh=self.mesh, in_specs=(heads, heads, heads, cache_specs, P()),
+            out_specs=(heads, cache_specs), check_vma=False,
+        )(q, k, v, layer_cache, meta)
+
+    def _attend(self, q, k, v, layer_cache, meta: PagedMeta):
         lib = pallas_kernels if self.kernels == "pallas" else xla
         interpret = {"interpret": self.interpret}
         k_pages, v_pages, scales = _unpack(layer_cache)
