@@ -21,9 +21,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# Until the HTTP server lands, `make serve` runs a short generation demo (see scalellm_jax/demo.py).
+# `make serve` starts the OpenAI-compatible server (python -m scalellm_jax.server --help): without
+# --model in ARGS, a built-in random-weight Mixtral-architecture demo at http://127.0.0.1:8000/v1.
 serve: $(VENV)/.installed
-	$(PY) -m scalellm_jax.demo $(ARGS)
+	$(PY) -m scalellm_jax.server $(ARGS)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q

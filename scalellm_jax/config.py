@@ -195,6 +195,8 @@ def preset(name: str) -> ModelConfig:
 
 ATTENTION_KERNELS = ("auto", "pallas", "xla")
 KV_CACHE_DTYPES = ("auto", "int8")
+SCHEDULING_POLICIES = ("fcfs", "priority", "alise")
+SWAP_COMPRESSIONS = ("none", "int8")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -209,7 +211,11 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "auto" = the model dtype; "int8" = quantized pages
     attention_kernels: str = "auto"  # "auto" = pallas on GPU, xla elsewhere
     gpu_memory_utilization: float = 0.9
-    scheduling_policy: str = "fcfs"
+    scheduling_policy: str = "fcfs"  # fcfs | priority | alise (predicted shortest remaining time first)
+    aging_rate: float | None = None  # alise: seconds of estimated work forgiven per second waited (None: default)
+    length_predictor_data: str | None = None  # alise: JSONL of instruction/output rows to warm-start from
+    swap_space_gb: float = 4.0  # host memory for preempted requests' KV; 0 = always recompute
+    swap_compression: str = "none"  # "int8": compress swapped float KV 2-4× (resumed KV then rounded)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -229,6 +235,20 @@ class EngineConfig:
             raise ConfigError(
                 f"EngineConfig.kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
             )
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(
+                f"EngineConfig.scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}"
+            )
+        if self.swap_compression not in SWAP_COMPRESSIONS:
+            raise ConfigError(
+                f"EngineConfig.swap_compression must be one of {SWAP_COMPRESSIONS}, got {self.swap_compression!r}"
+            )
+        for name in ("aging_rate", "swap_space_gb"):
+            value = getattr(self, name)
+            if value is None and name == "aging_rate":
+                continue
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                raise ConfigError(f"EngineConfig.{name} must be a finite number >= 0, got {value!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(
                 f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"

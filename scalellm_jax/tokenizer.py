@@ -2,15 +2,21 @@
 
 Mixtral's SentencePiece model (``tokenizer.model.v1``) is part of the ``mistral-common`` wheel, so
 the real tokenizer works offline without a model hub.
+
+Also here: chat prompts (``apply_chat_template``) and ``IncrementalDetokenizer``, which turns a
+growing list of output tokens into text a few tokens at a time, with stop strings.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 logger = logging.getLogger(__name__)
+
+ChatMessages = Sequence[Mapping[str, str]]  # [{"role": "system" | "user" | "assistant", "content": text}]
 
 
 class Tokenizer(Protocol):
@@ -22,6 +28,13 @@ class Tokenizer(Protocol):
 
     def decode(self, token_ids: list[int]) -> str: ...
 
+    def apply_chat_template(self, messages: ChatMessages) -> list[int]:
+        """Token ids of a chat prompt ending where the assistant's reply starts.
+
+        Raises ``ValueError`` starting with ``messages`` for a conversation the template rejects.
+        """
+        ...
+
 
 class MistralTokenizer:
     """Mixtral's tokenizer (SentencePiece v1) from mistral-common."""
@@ -32,7 +45,8 @@ class MistralTokenizer:
 
         if model_file is None:
             model_file = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-        self._inner = _Mistral.from_file(str(model_file)).instruct_tokenizer.tokenizer
+        self._mistral = _Mistral.from_file(str(model_file))
+        self._inner = self._mistral.instruct_tokenizer.tokenizer
         self.bos_id = self._inner.bos_id
         self.eos_id = self._inner.eos_id
         self.vocab_size = self._inner.n_words
@@ -42,6 +56,22 @@ class MistralTokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self._inner.decode(list(token_ids))
+
+    def apply_chat_template(self, messages: ChatMessages) -> list[int]:
+        """Mixtral's ``[INST] … [/INST]`` format, rendered by mistral-common itself."""
+        from mistral_common.exceptions import MistralCommonException
+        from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+        for m in messages:
+            if m.get("role") not in kinds:
+                raise ValueError(f"messages: unsupported role {m.get('role')!r} (use system, user or assistant)")
+        try:
+            chat = [kinds[m["role"]](content=m["content"]) for m in messages]
+            return self._mistral.encode_chat_completion(ChatCompletionRequest(messages=chat)).tokens
+        except (MistralCommonException, ValueError) as exc:  # e.g. a conversation starting with the assistant
+            raise ValueError(f"messages: {exc}") from None
 
 
 class HFTokenizer:
@@ -62,6 +92,19 @@ class HFTokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return self._inner.decode(list(token_ids), skip_special_tokens=True)
 
+    def apply_chat_template(self, messages: ChatMessages) -> list[int]:
+        """The checkpoint's own chat template (``chat_template`` in its tokenizer config)."""
+        if not self._inner.chat_template:
+            raise ValueError("messages: this model's tokenizer has no chat template; use /v1/completions")
+        try:
+            rendered = self._inner.apply_chat_template(
+                [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:  # jinja templates raise anything (often TemplateError via raise_exception)
+            raise ValueError(f"messages: {exc}") from None
+        # The template writes the special tokens (BOS included) itself.
+        return self._inner.encode(rendered, add_special_tokens=False)
+
 
 def load_tokenizer(model_path: str | Path | None = None) -> Tokenizer:
     """The checkpoint folder's own tokenizer when it has one, else Mixtral's from mistral-common."""
@@ -71,3 +114,69 @@ def load_tokenizer(model_path: str | Path | None = None) -> Tokenizer:
             return HFTokenizer(folder)
         logger.info("%s has no tokenizer files; using Mixtral's tokenizer from mistral-common", folder)
     return MistralTokenizer()
+
+
+class IncrementalDetokenizer:
+    """Output text of one request, grown a few tokens at a time (O(new tokens) per call).
+
+    Each call decodes a short window: from the token before the last text boundary to the end.
+    The new text is the window's decode minus the decode of its already-read part, so
+    tokenizer rules that depend on the neighbour (SentencePiece drops the leading space of the
+    first piece of a decode; byte-fallback pieces only make a character together) come out as in
+    a full decode. A window whose text ends in U+FFFD is an incomplete multi-byte character: it
+    is held back until the next token completes it (or until ``finish``).
+
+    Stop strings are searched only in the new text plus the ``longest stop - 1`` characters
+    before it (a stop may span tokens). ``text`` holds back that many characters while unfinished,
+    so text once shown never has to be retracted when a stop string completes.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: one text boundary back, for the neighbour rules above
+        self._read = 0  # tokens up to here are in self._text
+        self._text = ""
+        self._stop = tuple(stop)
+        self._holdback = max(map(len, self._stop), default=1) - 1
+        self.stopped = False  # a stop string was found; the text ends right before it
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._ids)
+
+    def add(self, token_ids: Sequence[int]) -> None:
+        """Feed the next output tokens (no-op once a stop string was found)."""
+        if self.stopped or not token_ids:
+            return
+        self._ids.extend(token_ids)
+        self._advance(final=False)
+
+    def finish(self) -> None:
+        """The request ended: release text held back for an incomplete character."""
+        if not self.stopped:
+            self._advance(final=True)
+
+    def text(self, finished: bool = False) -> str:
+        """The text so far; while unfinished, minus the tail a stop string could still claim."""
+        if finished or self.stopped or not self._holdback:
+            return self._text
+        return self._text[: max(0, len(self._text) - self._holdback)]
+
+    def _advance(self, final: bool) -> None:
+        decode = self._tokenizer.decode
+        done = decode(self._ids[self._prefix : self._read])
+        window = decode(self._ids[self._prefix :])
+        if len(window) <= len(done) or (window.endswith("\ufffd") and not final):
+            return  # nothing visible yet (special token, or an incomplete character)
+        self._prefix, self._read = self._read, len(self._ids)
+        start = len(self._text)
+        self._text += window[len(done) :]
+        if self._stop:
+            self._match_stop(max(0, start - self._holdback))
+
+    def _match_stop(self, start: int) -> None:
+        hits = [i for i in (self._text.find(s, start) for s in self._stop) if i >= 0]
+        if hits:
+            self._text = self._text[: min(hits)]
+            self.stopped = True

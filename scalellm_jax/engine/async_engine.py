@@ -1,9 +1,10 @@
 """AsyncEngine: the LLMEngine in its own thread, behind an asyncio API that never blocks the loop.
 
 The engine thread owns the LLMEngine exclusively. The event loop talks to it only through a
-thread-safe inbox (new requests, aborts) and gets outputs back through
-``loop.call_soon_threadsafe`` into one ``asyncio.Queue`` per request. Validation runs on the
-caller's side before anything is queued, so bad input raises ``ValueError`` at once.
+thread-safe inbox (new requests, aborts) and gets outputs back into one ``asyncio.Queue`` per
+request, with one ``loop.call_soon_threadsafe`` per step and event loop (not per request: each
+call wakes the loop through its self-pipe). Validation runs on the caller's side before anything
+is queued, so bad input raises ``ValueError`` at once.
 """
 
 from __future__ import annotations
@@ -12,17 +13,22 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from scalellm_jax.engine.engine import LLMEngine, RequestOutput
-from scalellm_jax.engine.request import SamplingParams
+from scalellm_jax.engine.engine import EngineStats, LLMEngine, RequestOutput
+from scalellm_jax.engine.request import RequestStatus, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
     """The engine thread failed; the message carries the original error."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this one request (not because of its input); other requests go on."""
 
 
 @dataclass
@@ -33,6 +39,9 @@ class _Add:
     priority: int
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
+    submit_time: float
+    queue_time: float | None = None  # engine thread: set when first seen scheduled
+    sent_first: bool = False
 
 
 @dataclass
@@ -45,12 +54,20 @@ class AsyncEngine:
         self.engine = engine
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, _Add] = {}  # engine-thread only
+        self._queued: dict[str, _Add] = {}  # engine-thread only: added, not yet scheduled
         self._ids = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._error: BaseException | None = None
+        # Replaced (never mutated) by the engine thread after every step, so any thread may read it.
+        self.stats: EngineStats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="scalellm-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that stopped the engine thread, or None while it runs."""
+        return self._error
 
     # ------------------------------------------------------------------ event-loop side
 
@@ -61,11 +78,16 @@ class AsyncEngine:
         *,
         request_id: str | None = None,
         priority: int = 0,
+        coalesce: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request; returns an async iterator of its outputs (the last has ``finished``).
 
         Raises ``ValueError`` immediately for input the engine can never serve. Leaving the
-        iteration early (client disconnect) aborts the request.
+        iteration early (client disconnect) aborts the request. Later failures arrive as
+        exceptions from the iterator: ``ValueError`` (a limit only the engine thread checks),
+        ``RequestFailedError`` or ``EngineDeadError``. With ``coalesce`` a consumer that fell
+        behind gets only the newest of the outputs waiting for it (outputs are cumulative).
+        A stream that is never iterated is not aborted by closing it: call ``abort`` instead.
         """
         if self._error is not None:
             raise EngineDeadError(f"engine stopped: {self._error!r}")
@@ -76,15 +98,22 @@ class AsyncEngine:
                 self._ids += 1
                 request_id = f"async-{self._ids}"
         outputs: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(_Add(request_id, list(prompt_token_ids), params, priority, asyncio.get_running_loop(), outputs))
-        return self._stream(request_id, outputs)
+        self._inbox.put(_Add(request_id, list(prompt_token_ids), params, priority, asyncio.get_running_loop(),
+                             outputs, time.monotonic()))
+        return self._stream(request_id, outputs, coalesce)
 
-    async def _stream(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, request_id: str, outputs: asyncio.Queue, coalesce: bool) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
                 item = await outputs.get()
+                while coalesce and isinstance(item, RequestOutput) and not item.finished and not outputs.empty():
+                    newer = outputs.get_nowait()
+                    if isinstance(newer, RequestOutput) and newer.queue_time is None:
+                        newer.queue_time = item.queue_time
+                    item = newer
                 if isinstance(item, BaseException):
+                    finished = True  # the engine side already dropped this request
                     raise item
                 finished = item.finished
                 yield item
@@ -110,8 +139,11 @@ class AsyncEngine:
             while not self._stopping.is_set():
                 self._drain_inbox(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
-                    for out in self.engine.step():
-                        self._deliver(out)
+                    start = time.monotonic()
+                    outputs = self.engine.step()
+                    self._mark_scheduled(start)
+                    self._deliver(outputs)
+                self.stats = self.engine.stats()
         except BaseException as exc:  # deliver the failure to every waiting client, never hang them
             logger.exception("engine thread failed")
             self._error = exc
@@ -130,8 +162,9 @@ class AsyncEngine:
                 return
             if isinstance(item, _Abort):
                 out = self.engine.abort(item.request_id)
+                self._queued.pop(item.request_id, None)
                 if out is not None:
-                    self._deliver(out)
+                    self._deliver([out])
                 continue
             try:
                 self.engine.add_request(
@@ -140,15 +173,45 @@ class AsyncEngine:
             except ValueError as exc:  # e.g. a duplicate id or a KV limit: fail this request only
                 _send(item, exc)
                 continue
+            except Exception as exc:
+                logger.exception("adding request %s failed", item.request_id)
+                _send(item, RequestFailedError(f"the engine failed this request: {exc!r}"))
+                continue
             self._streams[item.request_id] = item
+            self._queued[item.request_id] = item
 
-    def _deliver(self, out: RequestOutput) -> None:
-        stream = self._streams.get(out.request_id)
-        if stream is None:
-            return
-        if out.finished:
-            del self._streams[out.request_id]
-        _send(stream, out)
+    def _mark_scheduled(self, step_start: float) -> None:
+        """Record the queue time of requests the step just scheduled for the first time."""
+        get = self.engine.scheduler.get
+        for request_id, stream in list(self._queued.items()):
+            request = get(request_id)
+            if request is None or request.status is not RequestStatus.WAITING:
+                stream.queue_time = max(0.0, step_start - stream.submit_time)
+                del self._queued[request_id]
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+                self._queued.pop(out.request_id, None)
+            if not stream.sent_first:
+                stream.sent_first = True
+                out.queue_time = stream.queue_time
+            batches.setdefault(stream.loop, []).append((stream.outputs, out))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                logger.debug("dropping %d outputs: event loop closed", len(items))
+
+
+def _put_all(items: list) -> None:
+    for outputs, item in items:
+        outputs.put_nowait(item)
 
 
 def _send(stream: _Add, item) -> None:

@@ -17,8 +17,9 @@ import numpy as np
 from scalellm_jax.config import EngineConfig
 from scalellm_jax.engine.kv_manager import KVManager
 from scalellm_jax.engine.memory import device_memory_bytes, plan_memory
-from scalellm_jax.engine.policies import make_policy
+from scalellm_jax.engine.policies import AliseConfig, LengthEstimates, make_policy
 from scalellm_jax.engine.request import (
+    KVLocation,
     Request,
     RequestStatus,
     SamplingParams,
@@ -27,13 +28,21 @@ from scalellm_jax.engine.request import (
 )
 from scalellm_jax.engine.runner import ModelRunner
 from scalellm_jax.engine.scheduler import Scheduler, SchedulerConfig
+from scalellm_jax.engine.step_costs import StepCostModel
 from scalellm_jax.loader import Model
+from scalellm_jax.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class RequestOutput:
-    """A request's state after a step: all output tokens so far, and whether it finished."""
+    """A request's state after a step: all output tokens so far, and whether it finished.
+
+    ``text`` only ever grows from one output to the next (while unfinished it holds back the
+    tail a stop string could still claim), so a streaming client can send ``text[len(sent):]``.
+    ``queue_time`` (seconds from submission until first scheduled) is set by ``AsyncEngine`` on a
+    request's first output.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -42,6 +51,16 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     text: str = ""
+    queue_time: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int  # new and preempted
+    num_swapped: int  # preempted, with their KV in host swap space
+    kv_cache_usage: float  # fraction of the usable KV pages in use
+    num_preemptions: int  # since start
 
 
 def default_kernels() -> str:
@@ -50,8 +69,10 @@ def default_kernels() -> str:
 
 class LLMEngine:
     def __init__(
-        self, model: Model, config: EngineConfig | None = None, *, tokenizer=None, interpret: bool = False
+        self, model: Model, config: EngineConfig | None = None, *, tokenizer=None, interpret: bool = False,
+        lengths: LengthEstimates | None = None,
     ):
+        """``lengths``: output-length estimates for the ``alise`` policy (default: the learned predictor)."""
         self.model = model
         self.tokenizer = tokenizer  # optional: needed for stop strings and output text
         self.config = config = config or EngineConfig()
@@ -62,11 +83,25 @@ class LLMEngine:
         mesh_shape = dict(model.mesh.shape) if model.mesh is not None else {}
         self.memory_plan = plan_memory(
             c, config, dtype=model.dtype, tp=mesh_shape.get("tensor", 1), ep=mesh_shape.get("expert", 1),
-            device_bytes=device_memory_bytes(jax.devices()[0]), max_pages_per_seq=max_pages_per_seq,
+            device_bytes=device_memory_bytes(jax.local_devices()[0]), max_pages_per_seq=max_pages_per_seq,
         )
         logger.info("%s", self.memory_plan.describe())
         num_pages = self.memory_plan.num_pages
-        self.kv = KVManager(num_pages, config.page_size, max_pages_per_seq)
+        swap = config.swap_space_gb > 0
+        self.runner = ModelRunner(
+            model, page_size=config.page_size, num_pages=num_pages, max_pages_per_seq=max_pages_per_seq,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            kernels=kernels, kv_cache_dtype=config.kv_cache_dtype, interpret=interpret,
+            swap_compression=config.swap_compression if swap else None,
+        )
+        num_host_pages = int(config.swap_space_gb * 2**30) // self.runner.swap_page_bytes(config.swap_compression)
+        self.kv = KVManager(num_pages, config.page_size, max_pages_per_seq, num_host_pages=num_host_pages)
+        self.step_costs = StepCostModel()
+        alise = AliseConfig() if config.aging_rate is None else AliseConfig(aging_rate=config.aging_rate)
+        if config.scheduling_policy == "alise" and lengths is None:
+            from scalellm_jax.engine.predicted_lengths import PredictedLengths  # loads the sentence encoder
+
+            lengths = PredictedLengths.build(tokenizer, warm_start=config.length_predictor_data)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -74,15 +109,12 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
             ),
             self.kv,
-            make_policy(config.scheduling_policy),
-        )
-        self.runner = ModelRunner(
-            model, page_size=config.page_size, num_pages=num_pages, max_pages_per_seq=max_pages_per_seq,
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            kernels=kernels, kv_cache_dtype=config.kv_cache_dtype, interpret=interpret,
+            make_policy(config.scheduling_policy, lengths=lengths, costs=self.step_costs, alise=alise),
         )
         self._seeds = np.random.default_rng(config.seed)
         self._pending: list[tuple[Request, int, bool]] = []  # step outputs still to build
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # per unfinished request with output text
+        self._finished_preemptions = 0  # preemptions of requests no longer in the scheduler
         self._ids = itertools.count()
         logger.info(
             "engine: %d KV pages of %d tokens, kernels=%s, max_model_len=%d",
@@ -127,8 +159,14 @@ class LLMEngine:
         validate_prompt(prompt_token_ids, self.max_model_len, self.model.config.vocab_size)
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        request = self.scheduler.abort(request_id)
+        request = self._finish(request_id, RequestStatus.FINISHED_ABORTED)
         return None if request is None else self._output(request)
+
+    def _finish(self, request_id: str, status: RequestStatus) -> Request | None:
+        """End a request outside the step's own bookkeeping (abort, stop string, failure)."""
+        request = self.scheduler.abort(request_id, status)
+        self.runner.drop_swapped(request_id)  # it may have been swapped out since its last step
+        return request
 
     def has_unfinished(self) -> bool:
         """Requests still running or waiting, or outputs not yet returned by ``step``."""
@@ -145,13 +183,19 @@ class LLMEngine:
         extra work is discarded (``update`` skips finished requests).
         """
         plan = self.scheduler.schedule()
+        self.runner.swap(plan.swap_out, plan.swap_in)  # preempted KV out to host, resumed KV back in
         dispatched = None
+        start = time.perf_counter()
         if plan.scheduled:
             dispatched = self.runner.execute(self.runner.prepare(plan.scheduled, self.kv))
+        self.runner.finish_swaps()  # swap-outs land in host memory while the device runs the step
         outputs = self._emit_pending()  # host work for step N-1, overlapping the device's step N
         if dispatched is None:
             return outputs
         tokens, logprobs = (np.asarray(a) for a in dispatched)  # the step's one device→host transfer
+        decode_rows = sum(1 for s in plan.scheduled if s.num_new_tokens == 1)
+        self.step_costs.observe(prefill_tokens=plan.num_batched_tokens - decode_rows, decode_rows=decode_rows,
+                                seconds=time.perf_counter() - start)
         sampled = {
             s.request_id: (int(tokens[i]), float(logprobs[i]) if s.request.sampling_params.logprobs else None)
             for i, s in enumerate(plan.scheduled)
@@ -179,12 +223,15 @@ class LLMEngine:
         token_ids = request.output_token_ids[:num_tokens]
         text = ""
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(token_ids)
-            stops = [i for i in (text.find(stop) for stop in request.sampling_params.stop) if i >= 0]
-            if stops:
-                text = text[: min(stops)]
-                if not request.status.is_finished:
-                    self.scheduler.abort(request.request_id, RequestStatus.FINISHED_STOPPED)
+            try:
+                text = self._text(request, token_ids)
+            except Exception:  # a detokenizer failure fails this request, not the engine
+                logger.exception("detokenizing %s failed", request.request_id)
+                self._detokenizers.pop(request.request_id, None)
+                self._finish(request.request_id, RequestStatus.FINISHED_ERROR)
+                request.status = RequestStatus.FINISHED_ERROR
+        if request.status.is_finished:
+            self._finished_preemptions += request.num_preemptions
         logprobs = request.output_logprobs[:num_tokens] if request.sampling_params.logprobs else None
         return RequestOutput(
             request_id=request.request_id,
@@ -194,4 +241,31 @@ class LLMEngine:
             finished=request.status.is_finished,
             finish_reason=request.finish_reason,
             text=text,
+        )
+
+    def _text(self, request: Request, token_ids: list[int]) -> str:
+        """Feed the request's new tokens to its detokenizer; a completed stop string finishes it."""
+        detok = self._detokenizers.get(request.request_id)
+        if detok is None:
+            detok = IncrementalDetokenizer(self.tokenizer, request.sampling_params.stop)
+            self._detokenizers[request.request_id] = detok
+        detok.add(token_ids[detok.num_tokens:])
+        if detok.stopped and not request.status.is_finished:
+            self._finish(request.request_id, RequestStatus.FINISHED_STOPPED)
+        if request.status.is_finished:
+            detok.finish()
+            del self._detokenizers[request.request_id]
+        return detok.text(finished=request.status.is_finished)
+
+    def stats(self) -> EngineStats:
+        """Queue sizes, KV cache usage and preemptions (call from the thread that steps the engine)."""
+        running, waiting = self.scheduler.running, self.scheduler.waiting
+        kv = self.kv
+        live_preemptions = sum(r.num_preemptions for r in running) + sum(r.num_preemptions for r in waiting)
+        return EngineStats(
+            num_running=len(running),
+            num_waiting=len(waiting),
+            num_swapped=sum(1 for r in waiting if r.kv is KVLocation.HOST),
+            kv_cache_usage=1.0 - kv.num_free_pages / kv.num_usable_pages,
+            num_preemptions=self._finished_preemptions + live_preemptions,
         )

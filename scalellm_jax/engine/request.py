@@ -83,7 +83,7 @@ class SamplingParams:
 class RequestStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
-    PREEMPTED = enum.auto()  # back in the waiting queue; its KV was dropped and will be recomputed
+    PREEMPTED = enum.auto()  # back in the waiting queue; where its KV is: ``Request.kv``
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
@@ -97,6 +97,19 @@ class RequestStatus(enum.Enum):
     def finish_reason(self) -> str | None:
         """OpenAI-style ``finish_reason`` ("stop", "length", "abort", "error"); None while unfinished."""
         return _FINISH_REASONS.get(self)
+
+
+class KVLocation(enum.Enum):
+    """Where a request's computed KV lives. RUNNING requests are always on DEVICE.
+
+    A PREEMPTED request is DEVICE when it only gave up its batch seat (its pages stay, resuming
+    is free), HOST when its pages were swapped to host memory, NONE when they were dropped and
+    will be recomputed (``num_computed_tokens`` is then 0).
+    """
+
+    NONE = enum.auto()
+    DEVICE = enum.auto()
+    HOST = enum.auto()
 
 
 _FINISH_REASONS = {
@@ -126,9 +139,17 @@ class Request:
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    kv: KVLocation = KVLocation.NONE
+    # Time spent waiting (not running) so far, for aging; ``queued_at`` is when the current wait began.
+    waited_s: float = 0.0
+    queued_at: float | None = None
 
     def __post_init__(self):
         self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]
+
+    def waited(self, now: float) -> float:
+        """Total seconds spent waiting, including the current wait if it is queued."""
+        return self.waited_s + (now - self.queued_at if self.queued_at is not None else 0.0)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -22,12 +22,14 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 from tqdm import tqdm
 
+from scalellm_jax.engine.kv_swap import KVSwapper, page_bytes
 from scalellm_jax.engine.sampling import row_keys, sample, token_logprobs
-from scalellm_jax.engine.scheduler import ScheduledRequest
+from scalellm_jax.engine.scheduler import ScheduledRequest, SwapOp
 from scalellm_jax.loader import Model
-from scalellm_jax.model.paged import PagedAttention, PagedMeta
+from scalellm_jax.model.paged import PagedAttention, PagedMeta, kv_pool_spec
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +98,10 @@ class ModelRunner:
         max_num_batched_tokens: int,
         kernels: str,
         kv_cache_dtype: str = "auto",
+        swap_compression: str | None = None,
         interpret: bool = False,
     ):
+        """``swap_compression``: None disables host swap; "none" or "int8" enables it (see kv_swap)."""
         c = model.config
         self.model = model
         self.page_size = page_size
@@ -107,25 +111,41 @@ class ModelRunner:
         self.token_buckets = pow2_buckets(min(16, max_num_batched_tokens), max_num_batched_tokens)
         self.seq_buckets = pow2_buckets(1, max_num_seqs)
         scale = c.head_dim**-0.5
-        mixed = PagedAttention(c.sliding_window, scale, kernels, decode_only=False, interpret=interpret)
-        decode = PagedAttention(c.sliding_window, scale, kernels, decode_only=True, interpret=interpret)
+        mesh = model.mesh
+        mixed = PagedAttention(c.sliding_window, scale, kernels, decode_only=False, interpret=interpret, mesh=mesh)
+        decode = PagedAttention(c.sliding_window, scale, kernels, decode_only=True, interpret=interpret, mesh=mesh)
         self._mixed = jax.jit(functools.partial(_step, model.module(mixed)), donate_argnums=(1,))
         self._decode = jax.jit(functools.partial(_step, model.module(decode)), donate_argnums=(1,))
         self.pools = self._allocate_pools(kv_cache_dtype)
+        self.swapper = None
+        if swap_compression is not None:
+            if swap_compression not in ("none", "int8"):
+                raise ValueError(f"swap_compression must be 'none' or 'int8', got {swap_compression!r}")
+            self.swapper = KVSwapper(num_pages, pow2_buckets(1, max_pages_per_seq),
+                                     compress=swap_compression == "int8")
+
+    def swap_page_bytes(self, compression: str = "none") -> int:
+        """Host bytes of one swapped page (all layers) under ``compression``."""
+        return page_bytes(self.pools, compression == "int8")
 
     def _allocate_pools(self, kv_cache_dtype: str):
+        """Per-layer KV pools, sharded over KV heads on the tensor axis under a mesh (``kv_pool_spec``)."""
         c = self.model.config
         shape = (c.num_kv_heads, self.num_pages, self.page_size, c.head_dim)
-        # zeros, never empty: unused pages must not hold NaN that could reach an output.
+        mesh = self.model.mesh
+        sharding = NamedSharding(mesh, kv_pool_spec(c.num_kv_heads, mesh)) if mesh is not None else None
+
+        def zeros(shape, dtype):  # zeros, never empty: unused pages must not hold NaN that could reach an output
+            return jnp.zeros(shape, dtype, device=sharding)
+
         if kv_cache_dtype == "int8":
             scales = shape[:3]
             return tuple(
-                (jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8),
-                 jnp.zeros(scales, jnp.float32), jnp.zeros(scales, jnp.float32))
+                (zeros(shape, jnp.int8), zeros(shape, jnp.int8), zeros(scales, jnp.float32), zeros(scales, jnp.float32))
                 for _ in range(c.num_layers)
             )
         dtype = self.model.dtype
-        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers))
+        return tuple((zeros(shape, dtype), zeros(shape, dtype)) for _ in range(c.num_layers))
 
     # ------------------------------------------------------------------ host side
 
@@ -151,7 +171,7 @@ class ModelRunner:
             batch.logits_index[i] = end - 1
             params = request.sampling_params
             batch.temperature[i] = params.temperature
-            batch.top_k[i] = params.top_k
+            batch.top_k[i] = min(params.top_k, self.model.config.vocab_size)  # larger is the same as off
             batch.top_p[i] = params.top_p
             batch.seeds[i] = params.seed  # the engine fills in a seed for every request
             batch.steps[i] = request.num_output_tokens
@@ -189,13 +209,34 @@ class ModelRunner:
         )
         return tokens, logprobs
 
+    def swap(self, swap_out: list[SwapOp], swap_in: list[SwapOp]) -> None:
+        """Dispatch a step's swap-outs, then its swap-ins (before the step itself)."""
+        if (swap_out or swap_in) and self.swapper is None:
+            raise RuntimeError("the scheduler planned a swap but this runner has no swap space")
+        for op in swap_out:
+            self.swapper.swap_out(self.pools, op.request_id, op.pages)
+        for op in swap_in:
+            self.pools = self.swapper.swap_in(self.pools, op.request_id, op.pages)
+
+    def finish_swaps(self) -> None:
+        """Land dispatched swap-outs in host memory (call after dispatching the step: it overlaps)."""
+        if self.swapper is not None:
+            self.swapper.finish_transfers()
+
+    def drop_swapped(self, request_id: str) -> None:
+        if self.swapper is not None:
+            self.swapper.drop(request_id)
+
     def warmup(self, progress: bool = True) -> None:
         """Compile every bucket once (all-padding batches write nothing and read nothing)."""
         shapes = [(True, n, n) for n in self.seq_buckets] + [(False, n, self.max_num_seqs) for n in self.token_buckets]
         for decode_only, num_tokens, rows in tqdm(shapes, desc="compiling step buckets", disable=not progress):
             jax.block_until_ready(self.execute(self._empty(decode_only, num_tokens, rows)))
-        logger.info("warmup compiled %d step shapes", self.num_compilations())
+        if self.swapper is not None:
+            self.pools = self.swapper.warmup(self.pools)
+        logger.info("warmup compiled %d step and swap shapes", self.num_compilations())
 
     def num_compilations(self) -> int:
-        """Distinct compiled step executables so far (flat after warmup means no recompiles)."""
-        return self._mixed._cache_size() + self._decode._cache_size()
+        """Distinct compiled step (and swap) executables so far (flat after warmup means no recompiles)."""
+        swaps = self.swapper.num_compilations() if self.swapper is not None else 0
+        return self._mixed._cache_size() + self._decode._cache_size() + swaps

@@ -7,11 +7,16 @@ over several steps (chunked prefill) and never holds up running decodes.
 
 One step is ``out = schedule()``, the engine runs ``out`` on the device, then
 ``update(out, sampled)``. ``update`` must run before the next ``schedule``: token counts only
-advance in ``update``. (Scheduling step N+1 before step N's tokens are back would need vLLM's
-output placeholders; the engine overlaps host work differently.)
+advance in ``update``.
 
-Preemption is by recompute: the victim's pages are freed and its whole sequence (prompt plus the
-outputs it already has, which are kept) is prefilled again when it is readmitted.
+Preemption. A running request loses its place in two ways: its pages are needed (the cache is
+full) or a waiting request the policy ranks clearly better wants its seat (``should_preempt``).
+A preempted request is first *parked*: it keeps its pages on device, so resuming soon costs
+nothing. Pages are reclaimed from parked requests only when someone needs them, the one the
+policy expects to resume last first: its KV is swapped to host memory while the swap space has
+room (the step's ``swap_out`` list tells the runner which pages to copy before they are reused),
+otherwise dropped and recomputed on readmission. Either way it later resumes with exactly the
+tokens it would have produced.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass, field
 
 from scalellm_jax.engine.kv_manager import KVManager
 from scalellm_jax.engine.policies import Policy
-from scalellm_jax.engine.request import Request, RequestStatus
+from scalellm_jax.engine.request import KVLocation, Request, RequestStatus
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,10 +80,23 @@ class ScheduledRequest:
 
 
 @dataclass(frozen=True)
+class SwapOp:
+    """Copy the KV of ``request_id``'s first ``num_tokens`` tokens out of / into device ``pages``."""
+
+    request_id: str
+    pages: tuple[int, ...]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
+    """One step's plan. The runner performs ``swap_out`` copies, then ``swap_in``, then the step."""
+
     scheduled: list[ScheduledRequest]
     preempted: list[Request]
     num_batched_tokens: int
+    swap_out: list[SwapOp] = field(default_factory=list)
+    swap_in: list[SwapOp] = field(default_factory=list)
 
     @property
     def is_decode_only(self) -> bool:
@@ -89,8 +107,9 @@ class SchedulerOutput:
 class Scheduler:
     """Decides every step which requests run, how many tokens each, and who is preempted.
 
-    Only RUNNING requests own KV pages; waiting and preempted ones own none. That keeps the
-    "all pages free when everything finished" invariant a matter of freeing at every exit.
+    Device pages belong to RUNNING requests and to parked (``KVLocation.DEVICE``) preempted ones;
+    host swap pages to swapped-out ones. Every exit frees both, which keeps the "all pages free
+    when everything finished" invariant.
     """
 
     def __init__(self, config: SchedulerConfig, kv: KVManager, policy: Policy,
@@ -102,6 +121,8 @@ class Scheduler:
         self._requests: dict[str, Request] = {}  # every unfinished request
         self._waiting: list[Request] = []  # WAITING or PREEMPTED, in arrival-to-the-queue order
         self._running: list[Request] = []  # RUNNING, in admission order
+        self._now = 0.0  # the current schedule() call's clock reading
+        self._swap_out: list[SwapOp] = []  # the current schedule() call's swap-outs
 
     # ----------------------------------------------------------------------------- queues
 
@@ -162,8 +183,10 @@ class Scheduler:
                 f"max_tokens {request.sampling_params.max_tokens}, page size {kv.page_size}) but at most "
                 f"{capacity} fit per request"
             )
+        request.queued_at = request.arrival_time
         self._requests[request.request_id] = request
         self._waiting.append(request)
+        self.policy.on_add(request)
 
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request | None:
         """Finish a request from outside the step loop (client cancel, or ``FINISHED_ERROR``).
@@ -182,6 +205,8 @@ class Scheduler:
             self._waiting.remove(request)
         self.kv.free(request_id)
         request.status = status
+        request.kv = KVLocation.NONE
+        self.policy.on_finish(request)
         return request
 
     # ----------------------------------------------------------------------------- schedule
@@ -189,6 +214,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Plan one step: running requests first (decodes before prompt chunks), then admissions."""
         now = self.clock()
+        self._now = now
+        self._swap_out: list[SwapOp] = []
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, ScheduledRequest] = {}
         preempted: list[Request] = []
@@ -209,11 +236,9 @@ class Scheduler:
             # Restricting victims to unscheduled requests would let a low-priority decode planned
             # earlier in the pass outlive a high-priority prompt. If the victim is the request
             # itself, it alone stops; the rest of the pass goes on (they outrank it anyway).
-            while not self.kv.allocate(request.request_id, request.num_computed_tokens + n, new_request=False):
+            while not self._allocate(request, request.num_computed_tokens + n, new_request=False):
                 victim = self.policy.pick_victim(self._running, now)
-                undone = scheduled.pop(victim.request_id, None)
-                if undone is not None:
-                    budget += undone.num_new_tokens
+                budget += self._unplan(scheduled, victim)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is request:
@@ -222,22 +247,35 @@ class Scheduler:
                 scheduled[request.request_id] = ScheduledRequest(request, n, request.num_computed_tokens)
                 budget -= n
 
-        # Admissions. Not in a step that preempted: the pool is short, and admitting would only
-        # evict again next step. The first request that does not fit stops admission; with FCFS
-        # that means no head-of-line skipping (a big prompt is not starved by small ones behind it).
+        # Admissions. Not in a step that preempted for pages: the pool is short, and admitting
+        # would only evict again next step. The first request that does not fit stops admission,
+        # unless the policy lets it preempt a running request; with FCFS that means no
+        # head-of-line skipping (a big prompt is not starved by small ones behind it).
+        swap_in: list[SwapOp] = []
         if not preempted:
             admitted = False
             for request in self.policy.order_waiting(self._waiting, now):
-                if budget == 0 or len(self._running) >= self.config.max_num_seqs:
+                if budget == 0:
                     break
                 n = min(request.num_pending_tokens, budget)
-                if not self.kv.allocate(request.request_id, n, new_request=True):
-                    break
-                request.status = RequestStatus.RUNNING
-                self._running.append(request)
-                scheduled[request.request_id] = ScheduledRequest(request, n, 0)
-                budget -= n
-                admitted = True
+                victims = 0
+                while not self._admit(request, n, swap_in):
+                    victim = self.policy.pick_victim(self._running, now) if self._running else None
+                    if victim is None or not self.policy.should_preempt(request, victim, now):
+                        break
+                    budget += self._unplan(scheduled, victim)
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    victims += 1
+                    n = min(request.num_pending_tokens, budget)
+                else:
+                    scheduled[request.request_id] = ScheduledRequest(request, n, request.num_computed_tokens)
+                    budget -= n
+                    admitted = True
+                    if not victims:
+                        continue
+                    # The victims now wait too and may outrank the rest of this ordering: stop here.
+                break
             if admitted:
                 self._waiting = [r for r in self._waiting if r.status is not RequestStatus.RUNNING]
 
@@ -245,14 +283,70 @@ class Scheduler:
             scheduled=list(scheduled.values()),
             preempted=preempted,
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            swap_out=self._swap_out,
+            swap_in=swap_in,
         )
 
+    @staticmethod
+    def _unplan(scheduled: dict[str, ScheduledRequest], request: Request) -> int:
+        """Drop ``request`` from this step's plan; returns the budget it gives back."""
+        undone = scheduled.pop(request.request_id, None)
+        return undone.num_new_tokens if undone is not None else 0
+
+    def _allocate(self, request: Request, total_tokens: int, *, new_request: bool) -> bool:
+        """``kv.allocate``, reclaiming pages from parked requests (latest expected resume first)."""
+        while not self.kv.allocate(request.request_id, total_tokens, new_request=new_request):
+            if not self._evict_a_parked_request(but=request):
+                return False
+        return True
+
+    def _evict_a_parked_request(self, but: Request) -> bool:
+        parked = [r for r in self._waiting
+                  if r.status is RequestStatus.PREEMPTED and r.kv is KVLocation.DEVICE and r is not but]
+        if not parked:
+            return False
+        self._evict(self.policy.pick_victim(parked, self._now))
+        return True
+
+    def _evict(self, request: Request) -> None:
+        """Take a parked request's KV off the device: to host swap space if it fits, else drop it."""
+        rid = request.request_id
+        if self.kv.can_swap_out(rid, request.num_computed_tokens):
+            pages = self.kv.swap_out(rid, request.num_computed_tokens)
+            self._swap_out.append(SwapOp(rid, pages, request.num_computed_tokens))
+            request.kv = KVLocation.HOST
+        else:
+            self.kv.free(rid)
+            request.num_computed_tokens = 0
+            request.kv = KVLocation.NONE
+
+    def _admit(self, request: Request, n: int, swap_in: list[SwapOp]) -> bool:
+        """Seat ``request`` for ``n`` tokens if there is a seat and pages; False changes nothing."""
+        if len(self._running) >= self.config.max_num_seqs or n == 0:
+            return False
+        rid, total = request.request_id, request.num_computed_tokens + n
+        if request.kv is KVLocation.HOST:
+            while (pages := self.kv.swap_in(rid, total)) is None:
+                if not self._evict_a_parked_request(but=request):
+                    return False
+            swap_in.append(SwapOp(rid, pages, request.num_computed_tokens))
+        elif not self._allocate(request, total, new_request=True):
+            return False
+        request.kv = KVLocation.DEVICE
+        request.status = RequestStatus.RUNNING
+        request.waited_s += self._now - request.queued_at
+        request.queued_at = None
+        self._running.append(request)
+        return True
+
     def _preempt(self, request: Request) -> None:
+        """Move a running request back to the queue, parked: its pages stay until someone needs them."""
         self._running.remove(request)
-        self.kv.free(request.request_id)
-        request.num_computed_tokens = 0
+        self.kv.trim(request.request_id, request.num_computed_tokens)  # pages planned for this step
+        request.kv = KVLocation.DEVICE if self.kv.num_owned(request.request_id) else KVLocation.NONE
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
+        request.queued_at = self._now
         self._waiting.append(request)
 
     # ----------------------------------------------------------------------------- update
@@ -283,8 +377,10 @@ class Scheduler:
                 status = RequestStatus.FINISHED_LENGTH
             if status is not None:
                 request.status = status
+                request.kv = KVLocation.NONE
                 self.kv.free(request.request_id)
                 del self._requests[request.request_id]
+                self.policy.on_finish(request)
                 finished.append(request)
         if finished:
             self._running = [r for r in self._running if r.status is RequestStatus.RUNNING]

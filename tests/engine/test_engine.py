@@ -8,6 +8,7 @@ import pytest
 import scalellm_jax
 from scalellm_jax.config import EngineConfig, ModelConfig
 from scalellm_jax.engine.engine import LLMEngine
+from scalellm_jax.engine.policies import OracleLengths
 from scalellm_jax.engine.request import SamplingParams
 
 CONFIG = ModelConfig(
@@ -78,7 +79,10 @@ def test_mixed_workload_compiles_nothing_and_frees_every_page(engine):
     assert engine.kv.num_free_pages == engine.kv.num_usable_pages
 
 
-def test_batch_composition_and_preemption_do_not_change_sampled_tokens(model):
+@pytest.mark.parametrize("policy, swap_space_gb", [("fcfs", 0.0), ("fcfs", 1.0), ("alise", 1.0)])
+def test_batch_composition_and_preemption_do_not_change_sampled_tokens(model, policy, swap_space_gb):
+    """Preempted requests resume with exactly the tokens they would have produced, whether their
+    KV was recomputed (no swap space) or swapped to host memory and back."""
     rng = np.random.default_rng()
     target = random_prompt(rng, 5, 30)
     params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
@@ -86,8 +90,10 @@ def test_batch_composition_and_preemption_do_not_change_sampled_tokens(model):
     rid = alone.add_request(target, params)
     expected = run_to_completion(alone)[rid].token_ids
 
-    # A pool so small that requests preempt each other (recompute), with others arriving mid-way.
-    crowded = LLMEngine(model, EngineConfig(page_size=4, num_pages=24, max_num_seqs=4, max_num_batched_tokens=16))
+    # A pool so small that requests preempt each other, with others arriving mid-way.
+    crowded = LLMEngine(model, EngineConfig(page_size=4, num_pages=24, max_num_seqs=4, max_num_batched_tokens=16,
+                                            scheduling_policy=policy, swap_space_gb=swap_space_gb),
+                        lengths=OracleLengths({}))
     crowded.add_request(random_prompt(rng), SamplingParams(max_tokens=25, temperature=1.0, ignore_eos=True))
     crowded.step()
     rid = crowded.add_request(target, params)
@@ -97,11 +103,18 @@ def test_batch_composition_and_preemption_do_not_change_sampled_tokens(model):
     finished = {}
     while crowded.has_unfinished():
         outputs = crowded.step()
+        crowded.kv.check_invariants()
         preemptions = max(preemptions, max((r.num_preemptions for r in crowded.scheduler.running), default=0))
         finished.update({o.request_id: o for o in outputs if o.finished})
     assert finished[rid].token_ids == expected
     assert preemptions > 0, "the small pool was meant to force preemption"
     assert crowded.kv.num_free_pages == crowded.kv.num_usable_pages
+    swapper = crowded.runner.swapper
+    if swap_space_gb:
+        assert swapper.num_swap_outs > 0 and swapper.num_swap_ins == swapper.num_swap_outs
+        assert swapper.num_swapped == 0 and crowded.kv.num_free_host_pages == crowded.kv.num_host_pages
+    else:
+        assert swapper is None
 
 
 def test_logprobs_are_the_model_log_softmax(engine, model):
@@ -147,3 +160,14 @@ def test_bad_requests_raise_and_the_engine_keeps_serving(engine, model, prompt, 
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_top_k_beyond_the_vocabulary_means_no_filter(engine):
+    """A huge top_k (any int a client can send) must not overflow the device batch: it equals top_k=0."""
+    prompt = [5, 9, 11]
+    outs = []
+    for top_k in (0, 2**47):
+        rid = engine.add_request(prompt, SamplingParams(max_tokens=6, temperature=1.0, top_k=top_k, seed=7,
+                                                        ignore_eos=True))
+        outs.append(run_to_completion(engine)[rid].token_ids)
+    assert outs[0] == outs[1]

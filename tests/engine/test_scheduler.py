@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from scalellm_jax.engine.kv_manager import KVManager
-from scalellm_jax.engine.policies import FCFSPolicy, PriorityPolicy, make_policy
-from scalellm_jax.engine.request import Request, RequestStatus, SamplingParams, clamp_max_tokens
+from scalellm_jax.engine.policies import AliseConfig, FCFSPolicy, PriorityPolicy, make_policy
+from scalellm_jax.engine.request import KVLocation, Request, RequestStatus, SamplingParams, clamp_max_tokens
 from scalellm_jax.engine.scheduler import Scheduler, SchedulerConfig
 
 EOS, VOCAB = 2, 1000
@@ -26,12 +26,30 @@ class Clock:
         return self.now
 
 
+class HalfMaxTokens:
+    """Length estimates for tests: every request is predicted to use half its max_tokens."""
+
+    def start(self, request):
+        pass
+
+    def predicted(self, request):
+        return request.sampling_params.max_tokens / 2
+
+    def finish(self, request):
+        pass
+
+
+def build_policy(name):
+    return make_policy(name, lengths=HalfMaxTokens(), alise=AliseConfig(aging_rate=0.5, preempt_ratio=2.0))
+
+
 def make_scheduler(*, num_pages=64, page_size=4, max_num_seqs=4, budget=16, max_model_len=64,
-                   watermark=0.0, policy="fcfs", max_pages_per_seq=None):
+                   watermark=0.0, policy="fcfs", max_pages_per_seq=None, num_host_pages=0):
     clock = Clock()
-    kv = KVManager(num_pages, page_size, max_pages_per_seq or -(-max_model_len // page_size), watermark)
+    kv = KVManager(num_pages, page_size, max_pages_per_seq or -(-max_model_len // page_size), watermark,
+                   num_host_pages=num_host_pages)
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len)
-    return Scheduler(config, kv, make_policy(policy), clock=clock), clock
+    return Scheduler(config, kv, build_policy(policy), clock=clock), clock
 
 
 def req(rid, prompt_len, max_tokens=4, arrival=0.0, priority=0, **params):
@@ -61,14 +79,19 @@ def unfinished(requests):
 
 
 def simulate(rng, *, policy, num_pages, page_size, max_num_seqs, budget, max_model_len, num_requests,
-             eos_prob=0.05, abort_prob=0.0, ignore_eos=False, max_prompt=None, min_len=1):
+             eos_prob=0.05, abort_prob=0.0, ignore_eos=False, max_prompt=None, min_len=1, num_host_pages=0):
     """Drive the scheduler like the engine would, with random tokens instead of a model.
 
     Checks the scheduling contract at every step and returns (requests by id, total preemptions).
+    A fake device memory (``device``: page → (request id, page index) it holds, ``host``: request
+    id → swapped contents) follows the swap plans and the KV writes, and checks that every
+    request runs on exactly its own KV, whether it was parked, swapped out and in, or recomputed.
     """
     sched, clock = make_scheduler(num_pages=num_pages, page_size=page_size, max_num_seqs=max_num_seqs,
-                                  budget=budget, max_model_len=max_model_len, watermark=0.01, policy=policy)
+                                  budget=budget, max_model_len=max_model_len, watermark=0.01, policy=policy,
+                                  num_host_pages=num_host_pages)
     kv = sched.kv
+    device, host = {}, {}
     capacity = min(kv.max_pages_per_seq, kv.num_usable_pages - kv.watermark_pages) * page_size
     max_prompt = max_prompt or max_model_len - 1
     arrivals = np.sort(rng.integers(0, 3 * num_requests, num_requests))
@@ -105,21 +128,48 @@ def simulate(rng, *, policy, num_pages, page_size, max_num_seqs, budget, max_mod
         # Every running decode runs every step unless it was preempted: prompts never stall decodes.
         assert decodes_before <= set(ids) | preempted, decodes_before - set(ids) - preempted
         admitted = [i for i in ids if i not in running_before]
-        if out.preempted:
-            assert not admitted, "admitted in a step that had to preempt"
+        if out.preempted and admitted:  # only a policy's should_preempt admits in a preempting step
+            assert policy != "fcfs"
+            worst_admitted = max(sched.policy.rank(requests[i], clock.now) for i in admitted)
+            assert all(sched.policy.rank(r, clock.now) > worst_admitted for r in out.preempted)
         # Admissions follow the policy's order, without skipping (a prefix of the ordered queue).
-        assert admitted == [r.request_id for r in waiting_before[:len(admitted)]]
+        # ALISE ranks by remaining work, which an eviction during this very step can change.
+        if policy != "alise":
+            assert admitted == [r.request_id for r in waiting_before[:len(admitted)]]
         first_admission += [i for i in admitted if requests[i].num_preemptions == 0]
         for s in out.scheduled:
             r = s.request
             assert r.status is RequestStatus.RUNNING and s.num_new_tokens >= 1
-            assert s.start == running_before.get(r.request_id, 0) == r.num_computed_tokens
+            assert s.start == r.num_computed_tokens
+            assert r.request_id not in running_before or s.start == running_before[r.request_id]
             assert s.end <= r.num_tokens and s.needs_sample == (s.end == r.num_tokens)
             assert kv.num_owned(r.request_id) == kv.pages_needed(s.end)
         for r in out.preempted:
-            assert r.status is RequestStatus.PREEMPTED and r.num_computed_tokens == 0
-        assert all(kv.num_owned(r.request_id) == 0 for r in sched.waiting)
-        assert sum(kv.num_owned(r.request_id) for r in sched.running) == kv.num_usable_pages - kv.num_free_pages
+            assert r.status is RequestStatus.PREEMPTED
+        for r in sched.waiting:
+            owned, needed = kv.num_owned(r.request_id), kv.pages_needed(r.num_computed_tokens)
+            if r.kv is KVLocation.DEVICE:
+                assert owned >= needed
+            elif r.kv is KVLocation.HOST:
+                assert owned == 0 and kv.num_host_owned(r.request_id) >= needed > 0
+            else:
+                assert owned == 0 == r.num_computed_tokens and kv.num_host_owned(r.request_id) == 0
+        used = sum(kv.num_owned(r.request_id) for r in (*sched.running, *sched.waiting))
+        assert used == kv.num_usable_pages - kv.num_free_pages
+        # The fake device: copies out, then in, then check every row reads its own KV and write.
+        for op in out.swap_out:
+            assert len(op.pages) >= kv.pages_needed(op.num_tokens) and op.request_id not in host
+            host[op.request_id] = [device.get(p) for p in op.pages[:kv.pages_needed(op.num_tokens)]]
+        for op in out.swap_in:
+            contents = host.pop(op.request_id)
+            assert len(contents) == kv.pages_needed(op.num_tokens) <= len(op.pages)
+            device.update(zip(op.pages, contents, strict=False))
+        for s in out.scheduled:
+            pages = kv.pages_of(s.request_id)
+            assert [device.get(p) for p in pages[:kv.pages_needed(s.start)]] == [
+                (s.request_id, i) for i in range(kv.pages_needed(s.start))]
+            for i in range(s.start // page_size, kv.pages_needed(s.end)):
+                device[pages[i]] = (s.request_id, i)
 
         if sched.has_unfinished() and rng.random() < abort_prob:  # abort while the "device" runs the step
             sched.abort(rng.choice(unfinished(requests)))
@@ -133,6 +183,8 @@ def simulate(rng, *, policy, num_pages, page_size, max_num_seqs, budget, max_mod
             elif rng.random() < 0.5:
                 sampled[s.request_id] = (EOS, None)  # rows mid-prompt: whatever the device sampled is ignored
         finished = sched.update(out, sampled)
+        for rid in [rid for rid in host if requests[rid].status.is_finished]:
+            del host[rid]  # aborted while swapped out
         for r in finished:
             assert r.status.is_finished and kv.num_owned(r.request_id) == 0 and sched.get(r.request_id) is None
         kv.check_invariants()
@@ -158,18 +210,19 @@ def simulate(rng, *, policy, num_pages, page_size, max_num_seqs, budget, max_mod
     return requests, preemptions
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "alise"])
 def test_random_workload_with_arrivals_and_aborts(rng, policy):
     simulate(rng, policy=policy, num_pages=int(rng.integers(12, 80)), page_size=int(rng.choice([1, 2, 4, 16])),
              max_num_seqs=int(rng.integers(1, 9)), budget=int(rng.choice([8, 16, 32])), max_model_len=96,
-             num_requests=40, abort_prob=0.02)
+             num_requests=40, abort_prob=0.02, num_host_pages=int(rng.choice([0, 10, 1000])))
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "priority"])
-def test_small_pool_preempts_and_every_request_still_gets_all_its_tokens(rng, policy):
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "alise"])
+@pytest.mark.parametrize("num_host_pages", [0, 12, 1000])
+def test_small_pool_preempts_and_every_request_still_gets_all_its_tokens(rng, policy, num_host_pages):
     requests, preemptions = simulate(
         rng, policy=policy, num_pages=25, page_size=4, max_num_seqs=8, budget=24, max_model_len=96,
-        num_requests=30, ignore_eos=True, max_prompt=48, min_len=8,
+        num_requests=30, ignore_eos=True, max_prompt=48, min_len=8, num_host_pages=num_host_pages,
     )
     assert preemptions > 0
     for r in requests.values():
@@ -246,7 +299,9 @@ def test_priority_preempts_the_low_priority_request_even_if_already_planned():
     assert [(s.request_id, s.start, s.num_new_tokens) for s in out.scheduled] == [("b", 3, 2)]
     assert out.num_batched_tokens == 2  # a's planned token was given back
     a = sched.get("a")
-    assert a.status is RequestStatus.PREEMPTED and a.num_computed_tokens == 0 and a.num_output_tokens == 2
+    # Giving back the page planned for a's next token was enough for b: a stays parked with its KV.
+    assert a.status is RequestStatus.PREEMPTED and a.kv is KVLocation.DEVICE
+    assert a.num_computed_tokens == 2 and a.num_output_tokens == 2
     finished = sched.update(out, {"b": (9, None)})
     assert [r.request_id for r in finished] == ["b"]
     drain(sched)
@@ -356,7 +411,138 @@ def test_policies():
     assert prio.order_waiting([a, b, c], 0.0) == [c, a, b]
     assert prio.pick_victim([a, b, c], 0.0) is b
     assert isinstance(make_policy("fcfs"), FCFSPolicy) and isinstance(make_policy("priority"), PriorityPolicy)
-    with pytest.raises(ValueError, match=r"\['fcfs', 'priority'\]"):
+    with pytest.raises(ValueError, match=r"\['fcfs', 'priority', 'alise'\]"):
         make_policy("lifo")
+    with pytest.raises(ValueError, match="lengths"):
+        make_policy("alise")
     with pytest.raises(ValueError):
         fcfs.pick_victim([], 0.0)
+
+
+# ------------------------------------------------------------------------------------------- ALISE
+
+def alise(aging_rate=0.0, **kwargs):
+    from scalellm_jax.engine.policies import AlisePolicy, OracleLengths
+    from scalellm_jax.engine.step_costs import StepCostModel, StepCostPrior
+
+    lengths = kwargs.pop("lengths", {})
+    costs = StepCostModel(StepCostPrior(decode_step_s=0.01, prefill_token_s=0.001))
+    return AlisePolicy(OracleLengths(lengths), costs, AliseConfig(aging_rate=aging_rate, **kwargs)), lengths
+
+
+def next_step_running(sched, request_id, max_steps=100):
+    """Step until a step schedules ``request_id``; returns that step's plan."""
+    for _ in range(max_steps):
+        out, _ = step(sched)
+        if any(s.request_id == request_id for s in out.scheduled):
+            return out
+    raise AssertionError(f"{request_id} never ran")
+
+
+def test_alise_runs_the_shortest_predicted_work_first_and_ages_the_rest():
+    policy, lengths = alise(aging_rate=0.1)
+    long, short, mid = req("long", 4, max_tokens=500, arrival=0.0), req("short", 4, max_tokens=500), req("mid", 4,
+                                                                                                       max_tokens=500)
+    lengths.update(long=400, short=10, mid=100)
+    for r in (long, short, mid):
+        r.queued_at = r.arrival_time
+    assert [r.request_id for r in policy.order_waiting([long, short, mid], 0.0)] == ["short", "mid", "long"]
+    # long's estimate is 4 s (400 steps × 10 ms); after waiting 40 s its rank (4 - 0.1 × 40 = 0) beats a fresh
+    # short request arriving then: aging bounds the wait of every request.
+    fresh = req("fresh", 4, max_tokens=500, arrival=40.0)
+    fresh.queued_at = 40.0
+    lengths["fresh"] = 10
+    assert policy.order_waiting([fresh, long], 40.5)[0] is long
+
+
+def test_alise_remaining_work_follows_progress_and_overruns():
+    policy, lengths = alise()
+    r = req("r", 8, max_tokens=100)
+    lengths["r"] = 20
+    assert policy.remaining_output_tokens(r) == 20
+    r.num_computed_tokens = 8
+    for _ in range(15):
+        r.append_token(5)
+    assert policy.remaining_output_tokens(r) == 5
+    for _ in range(10):  # 25 generated, prediction 20: expected to run to 1.5 × 25
+        r.append_token(5)
+    assert policy.remaining_output_tokens(r) == pytest.approx(12.5)
+    lengths.clear()  # no prediction yet: the configured default
+    assert policy.remaining_output_tokens(req("x", 4, max_tokens=1000)) == AliseConfig().default_output_len
+
+
+def test_alise_preempts_a_long_request_for_a_clearly_shorter_one_and_resumes_it_from_host():
+    sched, clock = make_scheduler(num_pages=17, page_size=4, max_num_seqs=1, budget=16, max_model_len=64,
+                                  num_host_pages=16)
+    sched.policy, lengths = alise(preempt_ratio=2.0)
+    lengths.update(long=40, short=2)
+    sched.add_request(req("long", 8, max_tokens=40))
+    step(sched)
+    step(sched)
+    clock.now = 1.0
+    sched.add_request(req("short", 4, max_tokens=2, arrival=1.0))
+    out, _ = step(sched)
+    long = sched.get("long")
+    assert [s.request_id for s in out.scheduled] == ["short"] and out.preempted == [long]
+    assert long.kv is KVLocation.DEVICE and long.num_computed_tokens == 9  # parked: pages kept
+    out, finished = step(sched)
+    assert [r.request_id for r in finished] == ["short"]
+    out, _ = step(sched)  # long resumes where it was, nothing recomputed
+    assert [(s.request_id, s.start, s.num_new_tokens) for s in out.scheduled] == [("long", 9, 1)]
+    assert not out.swap_in and not out.swap_out
+
+
+def test_pages_come_back_from_parked_requests_by_swapping_to_host_and_return_exactly():
+    sched, clock = make_scheduler(num_pages=7, page_size=4, max_num_seqs=2, budget=32, max_model_len=64,
+                                  num_host_pages=8, policy="priority")
+    sched.add_request(req("low", 12, max_tokens=8, priority=5))
+    step(sched)  # low: 12 prompt tokens + 1 sampled → 3 pages + growth
+    clock.now = 1.0
+    sched.add_request(req("high", 20, max_tokens=4, priority=0, arrival=1.0))
+    out, _ = step(sched)
+    low = sched.get("low")
+    # high needs 5 pages of the 6: low is parked, then swapped out to make room
+    assert out.preempted == [low] and [s.request_id for s in out.scheduled] == ["high"]
+    assert [(op.request_id, op.num_tokens) for op in out.swap_out] == [("low", 12)]
+    assert low.kv is KVLocation.HOST and sched.kv.num_host_owned("low") == 3
+    assert len(out.swap_out[0].pages) == 3
+    out = next_step_running(sched, "low")
+    assert [(op.request_id, op.num_tokens) for op in out.swap_in] == [("low", 12)]
+    assert [(s.request_id, s.start, s.num_new_tokens) for s in out.scheduled] == [("low", 12, 1)]
+    drain(sched)
+    sched.kv.check_invariants()
+    assert sched.kv.num_free_pages == sched.kv.num_usable_pages and sched.kv.num_free_host_pages == 8
+
+
+def test_without_swap_space_pages_are_dropped_and_recomputed():
+    sched, clock = make_scheduler(num_pages=7, page_size=4, max_num_seqs=2, budget=32, max_model_len=64,
+                                  policy="priority")
+    sched.add_request(req("low", 12, max_tokens=8, priority=5))
+    step(sched)
+    sched.add_request(req("high", 20, max_tokens=4, priority=0))
+    out, _ = step(sched)
+    low = sched.get("low")
+    assert not out.swap_out and low.kv is KVLocation.NONE and low.num_computed_tokens == 0
+    out = next_step_running(sched, "low")
+    assert [(s.request_id, s.start, s.num_new_tokens) for s in out.scheduled] == [("low", 0, 13)]
+
+
+def test_fcfs_never_preempts_to_admit():
+    sched, _ = make_scheduler(max_num_seqs=1, budget=16)
+    sched.add_request(req("a", 4, max_tokens=30))
+    step(sched)
+    sched.add_request(req("b", 2, max_tokens=1, priority=-5))
+    out, _ = step(sched)
+    assert [s.request_id for s in out.scheduled] == ["a"] and not out.preempted
+
+
+def test_step_cost_model_learns_decode_and_prefill_costs():
+    from scalellm_jax.engine.step_costs import StepCostModel, StepCostPrior
+
+    costs = StepCostModel(StepCostPrior(decode_step_s=1.0, prefill_token_s=1.0, smoothing=0.5))
+    for _ in range(30):
+        costs.observe(prefill_tokens=0, decode_rows=8, seconds=0.02)
+        costs.observe(prefill_tokens=100, decode_rows=8, seconds=0.02 + 100 * 0.001)
+    assert costs.decode_step_s == pytest.approx(0.02, rel=1e-3)
+    assert costs.prefill_token_s == pytest.approx(0.001, rel=1e-2)
+    assert costs.estimate_s(prefill_tokens=10, decode_steps=5) == pytest.approx(0.11, rel=1e-2)

@@ -27,10 +27,11 @@ def run_on_8_devices(folder, ep, tp) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ep, tp", [(1, 8), (8, 1), (2, 4), (4, 2)])
-def test_sharded_logits_and_generate_equal_single_device(make_hf_mixtral, ep, tp):
+@pytest.mark.parametrize("ep, tp, kv_heads", [(1, 8, 8), (8, 1, 8), (2, 4, 2), (4, 2, 8)])
+def test_sharded_logits_and_generate_equal_single_device(make_hf_mixtral, ep, tp, kv_heads):
     folder, _ = make_hf_mixtral(
-        num_attention_heads=8, num_key_value_heads=8, num_local_experts=8, intermediate_size=64, sliding_window=6,
+        num_attention_heads=8, num_key_value_heads=kv_heads, num_local_experts=8, intermediate_size=64,
+        sliding_window=6,
     )
     result = run_on_8_devices(folder, ep, tp)
     assert result["devices"] == 8
@@ -40,6 +41,10 @@ def test_sharded_logits_and_generate_equal_single_device(make_hf_mixtral, ep, tp
     assert result["engine_mesh_shape"] == {"expert": ep, "tensor": tp}
     assert result["wq_shard_shape"] == [32, 8 // tp, 4]  # heads split over the tensor axis
     assert result["w_gate_shard_shape"] == [8 // ep, 32, 64 // tp]  # experts over expert, I over tensor
+    # KV pools: split over the tensor axis by KV head when the heads divide, else replicated.
+    kv_shards = tp if kv_heads % tp == 0 else 1
+    assert result["kv_pool_shape"][0] == kv_heads
+    assert result["kv_pool_shard_shape"][0] == kv_heads // kv_shards
 
 
 def test_impossible_splits_name_the_option():

@@ -1,0 +1,36 @@
+"""Server settings and the built-in demo model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# `python -m scalellm_jax.server` without --model: the `tiny` Mixtral-architecture preset with random
+# weights (seed 0) and the real Mixtral tokenizer. Its output is gibberish; every stage is real.
+DEMO_PRESET = "tiny"
+DEMO_MODEL_NAME = "mixtral-tiny-random-demo"
+# Few shape buckets (1, 2, 4, 8, 16 sequences; 16, 32 tokens): warmup compiles each once (~30 s on
+# 2 CPU cores the first time; later starts reuse XLA's persistent compilation cache, ~6 s).
+DEMO_ENGINE_OPTIONS = dict(max_num_seqs=16, max_num_batched_tokens=32, max_model_len=2048)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """HTTP-side knobs (the engine's are ``EngineConfig``)."""
+
+    model_name: str
+    api_key: str | None = None  # /v1/* needs "Authorization: Bearer <api_key>" when set
+    # Requests may wait beyond the engine's running slots (max_num_seqs); past that, HTTP 429.
+    max_queued_requests: int = 1024
+    retry_after_s: int = 1
+    # Streams send at most one chunk per interval (0: one per engine step). A chunk then carries
+    # every token generated since the last, which saves per-chunk work at high concurrency.
+    stream_interval_s: float = 0.0
+    tokenizer_threads: int = 2
+
+    def __post_init__(self):
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if self.stream_interval_s < 0:
+            raise ValueError(f"stream_interval_s must be >= 0, got {self.stream_interval_s}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty")

@@ -1,0 +1,228 @@
+"""From a validated OpenAI request to engine requests, and from engine outputs to the HTTP response.
+
+One HTTP request becomes one engine request per choice (``n`` per prompt). Tokenization and chat
+templates run in a small thread pool so the event loop never waits on them; the engine runs in its
+own thread (``AsyncEngine``). Outputs are cumulative, so a stream that fell behind skips straight
+to the newest one (``coalesce``) and sends the new text in one chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+
+from aiohttp import web
+
+from scalellm_jax.engine.async_engine import EngineDeadError, RequestFailedError
+from scalellm_jax.engine.engine import RequestOutput
+from scalellm_jax.engine.request import SamplingParams
+from scalellm_jax.server import protocol, responses
+from scalellm_jax.server.errors import APIError, from_engine_error
+from scalellm_jax.server.job import Choice, Job
+from scalellm_jax.server.loading import ServedModel
+from scalellm_jax.server.metrics import ServerMetrics
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
+
+
+class Generator:
+    def __init__(self, served: ServedModel, metrics: ServerMetrics, executor: Executor, max_in_flight: int,
+                 retry_after_s: int, stream_interval_s: float = 0.0):
+        self.served = served
+        self._stream_interval = stream_interval_s
+        self.metrics = metrics
+        self._executor = executor
+        self._max_in_flight = max_in_flight
+        self._retry_after = str(retry_after_s)
+        self.in_flight = 0  # engine requests admitted and not finished (event-loop only)
+
+    # ------------------------------------------------------------------ requests → jobs
+
+    async def completion_job(self, req: protocol.CompletionRequest) -> Job:
+        if req.logprobs:
+            raise APIError(400, "logprobs: only 0 (the sampled tokens' logprobs) is supported; top "
+                                "alternatives are not computed", param="logprobs")
+        encode = self.served.tokenizer.encode
+        ids = [p if isinstance(p, list) else await self._off_loop(encode, p) for p in req.prompts()]
+        max_tokens = req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+        return self._job(req, False, ids, max_tokens, req.logprobs is not None, "prompt")
+
+    async def chat_job(self, req: protocol.ChatCompletionRequest) -> Job:
+        if req.top_logprobs:
+            raise APIError(400, "top_logprobs: only 0 is supported; top alternatives are not computed",
+                           param="top_logprobs")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = await self._off_loop(self.served.tokenizer.apply_chat_template, messages)
+        except ValueError as exc:
+            raise from_engine_error(exc, "messages") from None
+        max_tokens = req.max_completion_tokens or req.max_tokens or self.served.max_model_len
+        return self._job(req, True, [ids], max_tokens, req.logprobs, "messages")
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def check_model(self, req) -> None:
+        if req.model != self.served.name:
+            raise APIError(400, f"model: unknown model {req.model!r}; this server serves {self.served.name!r}",
+                           param="model")
+
+    def _job(self, req, chat: bool, prompts: list[list[int]], max_tokens: int, logprobs: bool, prompt_field: str):
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        choices = []
+        for p in range(len(prompts)):
+            for i in range(req.n):
+                seed = None if req.seed is None else (req.seed + i) % protocol.SEED_LIMIT
+                try:
+                    params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0),
+                                            top_p=req.top_p, seed=seed, stop=stop, ignore_eos=req.ignore_eos,
+                                            logprobs=logprobs)
+                except ValueError as exc:
+                    raise from_engine_error(exc, prompt_field) from None
+                choices.append((p, params))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        prefix = "chatcmpl" if chat else "cmpl"
+        return Job(chat, f"{prefix}-{uuid.uuid4().hex}", self.served.name, int(time.time()), prompts, choices,
+                   req.priority, req.stream, include_usage, logprobs, prompt_field)
+
+    # ------------------------------------------------------------------ admission
+
+    @contextlib.contextmanager
+    def admit(self, num_requests: int):
+        """Reserve engine slots for a request's choices, or refuse with 429 when the queue is full."""
+        if self.in_flight + num_requests > self._max_in_flight:
+            raise APIError(429, f"the server is at capacity ({self.in_flight} requests in flight); retry later",
+                           headers={"Retry-After": self._retry_after})
+        self.in_flight += num_requests
+        try:
+            yield
+        finally:
+            self.in_flight -= num_requests
+
+    # ------------------------------------------------------------------ running a job
+
+    async def run(self, job: Job, http_request: web.Request, arrival: float) -> web.StreamResponse:
+        engine = self.served.engine
+        streams = []
+        try:
+            for k, (p, params) in enumerate(job.choices):
+                streams.append(engine.add_request(job.prompts[p], params, request_id=f"{job.request_id}-{k}",
+                                                  priority=job.priority, coalesce=True))
+        except (ValueError, EngineDeadError) as exc:
+            for k in range(len(streams)):  # never iterated, so closing them would not abort them
+                engine.abort(f"{job.request_id}-{k}")
+            raise _engine_failure(exc, job.prompt_field) from None
+        choices = [Choice(k, len(job.prompts[p]), self.metrics.tracker(arrival))
+                   for k, (p, _) in enumerate(job.choices)]
+        events = _merge(streams)
+        try:
+            try:  # the first output decides the status code: engine-side refusals are still a 400
+                first = await anext(events)
+            except (ValueError, RequestFailedError, EngineDeadError) as exc:
+                raise _engine_failure(exc, job.prompt_field) from None
+            if job.stream:
+                return await self._stream(job, choices, first, events, http_request)
+            self._record(choices, *first)
+            async for event in events:
+                self._record(choices, *event)
+            _check_finished(choices)
+            return web.Response(body=responses.full_response(job, choices, self.served.tokenizer).encode(),
+                                content_type="application/json")
+        except (ValueError, RequestFailedError, EngineDeadError) as exc:
+            raise _engine_failure(exc, job.prompt_field) from None
+        finally:
+            await events.aclose()
+
+    async def _stream(self, job: Job, choices: list[Choice], first, events, http_request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(http_request)
+        encoder = responses.ChunkEncoder(job, self.served.tokenizer)
+        try:
+            event = first
+            while True:
+                self._record(choices, *event)
+                chunk = encoder.chunk(choices[event[0]])
+                if chunk:
+                    await response.write(chunk)
+                    if self._stream_interval and not event[1].finished:
+                        # let tokens pile up: the stream then hands over only the newest output
+                        await asyncio.sleep(self._stream_interval)
+                try:
+                    event = await anext(events)
+                except StopAsyncIteration:
+                    break
+            _check_finished(choices)
+            if job.include_usage:
+                await response.write(encoder.usage(choices))
+        except (ValueError, RequestFailedError, EngineDeadError) as exc:
+            await response.write(_engine_failure(exc, job.prompt_field).sse_event())
+        except APIError as exc:
+            await response.write(exc.sse_event())
+        await response.write(responses.DONE)
+        await response.write_eof()
+        return response
+
+    def _record(self, choices: list[Choice], index: int, out: RequestOutput) -> None:
+        choice = choices[index]
+        choice.output = out
+        now = time.monotonic()
+        choice.tracker.on_output(len(out.token_ids), out.queue_time, now)
+        if out.finished:
+            choice.tracker.on_finish(choice.num_prompt_tokens, out.finish_reason, now)
+
+
+def _check_finished(choices: list[Choice]) -> None:
+    for c in choices:
+        if c.output.finish_reason not in ("stop", "length"):
+            raise APIError(500, f"the engine ended choice {c.index} with finish_reason {c.output.finish_reason!r}")
+
+
+def _engine_failure(exc: Exception, prompt_field: str) -> APIError:
+    if isinstance(exc, ValueError):
+        return from_engine_error(exc, prompt_field)
+    return APIError(500, f"the engine failed this request: {exc}")
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """``(choice index, output)`` from all streams as they come; closing this closes (aborts) them all."""
+    if len(streams) == 1:  # the common case, without tasks
+        async with contextlib.aclosing(streams[0]) as stream:
+            async for out in stream:
+                yield 0, out
+        return
+    # Newest output (or failure) per choice not yet handed on: outputs are cumulative, so a consumer
+    # that fell behind skips the older ones, as a single stream does with ``coalesce``.
+    latest: dict[int, RequestOutput | Exception] = {}
+    wake = asyncio.Event()
+
+    async def pump(index, stream):
+        async with contextlib.aclosing(stream):
+            try:
+                async for out in stream:
+                    latest[index] = out
+                    wake.set()
+            except Exception as exc:
+                latest[index] = exc
+                wake.set()
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            await wake.wait()
+            wake.clear()
+            ready = sorted(latest.items())
+            latest.clear()
+            for index, item in ready:
+                if isinstance(item, Exception):
+                    raise item
+                remaining -= item.finished
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,40 @@
+"""One generation request as the server runs it: the engine requests of its choices and their progress."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from scalellm_jax.engine.engine import RequestOutput
+from scalellm_jax.engine.request import SamplingParams
+from scalellm_jax.server.metrics import RequestTracker
+
+
+@dataclasses.dataclass
+class Job:
+    """A generation request after validation and tokenization."""
+
+    chat: bool
+    request_id: str
+    model: str
+    created: int
+    prompts: list[list[int]]
+    choices: list[tuple[int, SamplingParams]]  # (prompt index, params), in choice-index order
+    priority: int
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    prompt_field: str  # "prompt" or "messages": what errors about the prompt name
+
+
+class Choice:
+    """Progress of one choice: what was already sent, and its latency bookkeeping."""
+
+    __slots__ = ("index", "num_prompt_tokens", "text_sent", "tokens_sent", "tracker", "output")
+
+    def __init__(self, index: int, num_prompt_tokens: int, tracker: RequestTracker):
+        self.index = index
+        self.num_prompt_tokens = num_prompt_tokens
+        self.text_sent = 0
+        self.tokens_sent = 0
+        self.tracker = tracker
+        self.output: RequestOutput | None = None

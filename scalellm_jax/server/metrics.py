@@ -1,0 +1,102 @@
+"""Prometheus metrics (``GET /metrics``), in a registry owned by one app, not the global one.
+
+Latencies are measured where the client sees them: from the moment the HTTP request arrived to
+the moment the event loop got the engine's output. Queue sizes, KV usage and preemptions are
+read from the engine's latest stats snapshot at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from scalellm_jax.engine.engine import EngineStats
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+            20.0, 40.0, 80.0)
+_TOKEN_LATENCY = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                  0.4, 0.5, 0.75, 1.0, 2.5)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], EngineStats | None]):
+        self.registry = registry = CollectorRegistry()
+        self.ttft = Histogram("scalellm_time_to_first_token_seconds", "Time from request arrival to its first token.",
+                              buckets=_LATENCY, registry=registry)
+        self.itl = Histogram("scalellm_inter_token_latency_seconds", "Time between consecutive output tokens.",
+                             buckets=_TOKEN_LATENCY, registry=registry)
+        self.e2e = Histogram("scalellm_e2e_request_latency_seconds", "Time from request arrival to its last token.",
+                             buckets=_LATENCY, registry=registry)
+        self.queue_time = Histogram("scalellm_request_queue_time_seconds",
+                                    "Time from submission to the engine until first scheduled.",
+                                    buckets=_LATENCY, registry=registry)
+        self.prompt_tokens = Counter("scalellm_prompt_tokens", "Prompt tokens of finished requests.",
+                                     registry=registry)
+        self.generation_tokens = Counter("scalellm_generation_tokens", "Generated tokens.", registry=registry)
+        self.requests = Counter("scalellm_requests_finished", "Finished engine requests, by finish reason.",
+                                ["finish_reason"], registry=registry)
+        registry.register(_EngineCollector(stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def tracker(self, arrival: float) -> RequestTracker:
+        return RequestTracker(self, arrival)
+
+
+class RequestTracker:
+    """Latency bookkeeping for one engine request (one choice of an HTTP request)."""
+
+    __slots__ = ("_m", "_arrival", "_last", "_tokens")
+
+    def __init__(self, metrics: ServerMetrics, arrival: float):
+        self._m = metrics
+        self._arrival = arrival
+        self._last: float | None = None
+        self._tokens = 0
+
+    def on_output(self, num_tokens: int, queue_time: float | None, now: float) -> None:
+        new = num_tokens - self._tokens
+        if new <= 0:
+            return
+        self._m.generation_tokens.inc(new)
+        if self._last is None:
+            self._m.ttft.observe(now - self._arrival)
+            if queue_time is not None:
+                self._m.queue_time.observe(queue_time)
+        else:  # several tokens in one output (a consumer that fell behind): spread the interval
+            gap = (now - self._last) / new
+            for _ in range(new):
+                self._m.itl.observe(gap)
+        self._tokens, self._last = num_tokens, now
+
+    def on_finish(self, num_prompt_tokens: int, finish_reason: str | None, now: float) -> None:
+        self._m.e2e.observe(now - self._arrival)
+        self._m.prompt_tokens.inc(num_prompt_tokens)
+        self._m.requests.labels(finish_reason or "unknown").inc()
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], EngineStats | None]):
+        self._stats = stats
+
+    def collect(self):
+        s = self._stats()
+        running, waiting = (s.num_running, s.num_waiting) if s else (0, 0)
+        yield GaugeMetricFamily("scalellm_num_requests_running", "Requests in the running batch.", value=running)
+        yield GaugeMetricFamily("scalellm_num_requests_waiting", "Requests waiting (new or preempted).",
+                                value=waiting)
+        yield GaugeMetricFamily("scalellm_num_requests_swapped", "Preempted requests whose KV is in host swap space.",
+                                value=s.num_swapped if s else 0)
+        yield GaugeMetricFamily("scalellm_kv_cache_usage_ratio", "Fraction of usable KV cache pages in use.",
+                                value=s.kv_cache_usage if s else 0.0)
+        yield CounterMetricFamily("scalellm_num_preemptions", "Requests preempted (KV dropped, recomputed later).",
+                                  value=s.num_preemptions if s else 0)
+
+    def describe(self):
+        return list(self.collect())

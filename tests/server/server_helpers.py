@@ -1,0 +1,56 @@
+"""Helpers for the server tests (polling instead of sleeping)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+MODEL = "tiny-test"
+ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, page_size=4, num_pages=160)
+
+def wait_until(condition, timeout: float = 20.0, interval: float = 0.02):
+    """Poll ``condition`` until it is truthy; fail with its last value after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            assert value, f"condition still false after {timeout} s"
+            return value
+        time.sleep(interval)
+
+
+def kv_pages_in_use(served) -> int:
+    """KV pages held by requests (0 once every request finished or was aborted)."""
+    kv = served.engine.engine.kv
+    return kv.num_usable_pages - kv.num_free_pages
+
+
+def metric(url: str, sample_name: str, **labels) -> float:
+    """One sample's value from the server's ``/metrics`` (0 when absent)."""
+    with urllib.request.urlopen(url + "/metrics") as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def call(url: str, body: dict | bytes | None = None, *, method: str | None = None, headers: dict | None = None):
+    """``(status, headers, JSON body or text)`` of one HTTP request; errors are returned, not raised."""
+    data = body if isinstance(body, bytes | None) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
+                                                                              **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, head, raw = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        status, head, raw = error.code, error.headers, error.read()
+    try:
+        return status, head, json.loads(raw)
+    except ValueError:
+        return status, head, raw.decode()

@@ -1,0 +1,88 @@
+"""The official ``openai`` client against the running server: completions and chat, streaming and not."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from server_helpers import MODEL
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_completion_and_its_stream_agree(client):
+    args = dict(model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0.7, seed=3,
+                ignore_eos=True)
+    whole = client.completions.create(**{k: v for k, v in args.items() if k != "ignore_eos"},
+                                      extra_body={"ignore_eos": True})
+    [choice] = whole.choices
+    assert choice.finish_reason == "length" and choice.text
+    assert whole.usage.completion_tokens == 12
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 12
+
+    chunks = list(client.completions.create(model=MODEL, prompt=args["prompt"], max_tokens=12, temperature=0.7,
+                                            seed=3, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text  # same seed, same tokens
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_chat_completion_and_its_stream_agree(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, seed=5,
+                                           extra_body={"ignore_eos": True})
+    [choice] = whole.choices
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert whole.usage.completion_tokens == 8
+
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, seed=5, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_n_choices_batches_and_logprobs(client):
+    out = client.completions.create(model=MODEL, prompt=["One", "Two"], n=2, max_tokens=3, seed=1, logprobs=0,
+                                    extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert out.usage.completion_tokens == 12
+    for c in out.choices:
+        assert len(c.logprobs.token_logprobs) == 3 and all(lp <= 0 for lp in c.logprobs.token_logprobs)
+    # choice i uses seed + i: the two choices of one prompt are sampled independently, yet reproducibly
+    again = client.completions.create(model=MODEL, prompt=["One", "Two"], n=2, max_tokens=3, seed=1,
+                                      extra_body={"ignore_eos": True})
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]
+
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                          logprobs=True, extra_body={"ignore_eos": True})
+    assert [t.logprob <= 0 for t in chat.choices[0].logprobs.content] == [True, True]
+
+
+def test_stop_string_ends_the_text_before_it(client):
+    free = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=10, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = free[len(free) // 2: len(free) // 2 + 2]
+    assert stop.strip(), "need a visible stop string"
+    for stream in (False, True):
+        out = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=10, temperature=0, stop=[stop],
+                                        stream=stream, extra_body={"ignore_eos": True})
+        chunks = list(out) if stream else [out]
+        assert "".join(c.choices[0].text for c in chunks) == free[: free.index(stop)]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_client_errors_are_typed(client):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+    assert exc.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
