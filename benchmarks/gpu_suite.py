@@ -32,12 +32,10 @@ import gc
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
 import traceback
-import urllib.request
 
 from benchmarks.provenance import git_state
 
@@ -181,60 +179,36 @@ def decode(cfg: SuiteConfig, copy_bw: float) -> dict:
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1.0)  # polling an external process; nothing to wait on but its port
-    raise TimeoutError(f"server at {url} not healthy after {timeout:.0f} s")
-
-
 def serving(cfg: SuiteConfig, out_dir: pathlib.Path, timeout: float) -> dict:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = out_dir / "gpu_suite-server.log"
-    command = [sys.executable, "-m", "scalellm_jax.server", "--model", cfg.model, "--dtype", cfg.dtype,
-               "--port", str(port), "--max-num-seqs", str(cfg.max_num_seqs),
-               "--max-num-batched-tokens", str(cfg.max_num_batched_tokens), "--max-model-len", str(cfg.max_model_len)]
+    from benchmarks.serving import start_server
+
+    options = dict(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                   max_model_len=cfg.max_model_len)
     start = time.perf_counter()
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+    process, url, command = start_server(cfg.model, cfg.dtype, options, out_dir / "gpu_suite-server.log",
+                                         timeout=timeout)
+    try:
+        ready_s = time.perf_counter() - start
+        client_out = out_dir / "gpu_suite-serving.json"
+        client = [sys.executable, "-m", "benchmarks.serving", "--url", url, "--concurrency", str(cfg.concurrency),
+                  "--num-prompts", str(cfg.num_prompts), "--max-tokens", str(cfg.max_tokens),
+                  "--dataset", str(DATA), "--out", str(client_out), "--no-plot"]
+        subprocess.run(client, check=True, cwd=ROOT, timeout=timeout)
+        measured = json.loads(client_out.read_text())
+    finally:
+        process.terminate()
         try:
-            _wait_healthy(url, process, timeout)
-            ready_s = time.perf_counter() - start
-            client_out = out_dir / "gpu_suite-serving.json"
-            client = [sys.executable, "-m", "benchmarks.serving", "--url", url, "--concurrency", str(cfg.concurrency),
-                      "--num-prompts", str(cfg.num_prompts), "--max-tokens", str(cfg.max_tokens),
-                      "--dataset", str(DATA), "--out", str(client_out), "--no-plot"]
-            subprocess.run(client, check=True, cwd=ROOT, timeout=timeout)
-            measured = json.loads(client_out.read_text())
-        finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-    return {"server_command": " ".join(command[1:]), "server_ready_s": ready_s, "client": measured}
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return {"server_command": command, "server_ready_s": ready_s, "client": measured}
 
 
 def hf_baseline(cfg: SuiteConfig) -> dict:
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from benchmarks.offline_throughput import load_workload
+    from benchmarks.offline_throughput import hf_generate, load_workload
     from scalellm_jax import preset
     from scalellm_jax.tokenizer import MistralTokenizer
 
@@ -243,24 +217,21 @@ def hf_baseline(cfg: SuiteConfig) -> dict:
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     hf_config = MixtralConfig(**preset(cfg.model).to_hf_dict())
     start = time.perf_counter()
-    with torch.device(device):  # random init straight on the device: no host copy of ~94 GB
-        hf = MixtralForCausalLM(hf_config).to(dtype).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialize in bf16: a float32 init of Mixtral-8x7B (~188 GB) would not fit
+    try:
+        with torch.device(device):  # random init straight on the device: no host copy of ~94 GB
+            hf = MixtralForCausalLM(hf_config).eval()
+    finally:
+        torch.set_default_dtype(previous)
     build_s = time.perf_counter() - start
     produced, steps = 0, 0
     start = time.perf_counter()
     for b in range(0, len(work.prompts), cfg.hf_batch):
         prompts, lengths = work.prompts[b:b + cfg.hf_batch], work.lengths[b:b + cfg.hf_batch]
-        width, new = max(map(len, prompts)), max(lengths)
-        ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding
-            ids[i, width - len(p):] = torch.tensor(p, device=device)
-            mask[i, width - len(p):] = 1
-        with torch.inference_mode():
-            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                        do_sample=False, eos_token_id=None, pad_token_id=0)
+        hf_generate(hf, prompts, lengths, device=device)
         produced += sum(lengths)  # the useful tokens; padding rows' extra steps are HF's cost
-        steps += new
+        steps += max(lengths)
     if device == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start

@@ -138,8 +138,8 @@ def build_hf(model, attn: str | None, experts: str | None):
     return hf
 
 
-def hf_generate(hf, prompts: list[list[int]], lengths: list[int]) -> list[list[int]]:
-    """One left-padded batch; returns ``max(lengths)`` new tokens per row."""
+def hf_generate(hf, prompts: list[list[int]], lengths: list[int], device: str = "cpu") -> list[list[int]]:
+    """One left-padded batch on ``device``; returns ``max(lengths)`` new tokens per row."""
     import torch
 
     width, new = max(map(len, prompts)), max(lengths)
@@ -148,6 +148,7 @@ def hf_generate(hf, prompts: list[list[int]], lengths: list[int]) -> list[list[i
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
     with torch.inference_mode():
         out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                           do_sample=False, eos_token_id=None, pad_token_id=0)

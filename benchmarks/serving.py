@@ -306,20 +306,22 @@ class EngineTarget:
         return engine_request(self.served.engine, work)
 
 
-def start_server(args, options: dict, log_path: pathlib.Path) -> tuple[subprocess.Popen, str, str]:
+def start_server(model: str, dtype: str, options: dict, log_path: pathlib.Path, *, extra_args=(),
+                 cache_dir: str = "", timeout: float = 900.0) -> tuple[subprocess.Popen, str, str]:
+    """Start ``python -m scalellm_jax.server`` on a free port (engine ``options`` as flags); wait for /health."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "scalellm_jax.server", "--model", args.model, "--served-model-name", "bench",
-           "--port", str(port), "--dtype", args.dtype, "--max-queued-requests", "100000",
-           "--compilation-cache-dir", args.compilation_cache_dir]
+    cmd = [sys.executable, "-m", "scalellm_jax.server", "--model", model, "--served-model-name", "bench",
+           "--port", str(port), "--dtype", dtype, "--max-queued-requests", "100000",
+           "--compilation-cache-dir", cache_dir]
     for key, value in options.items():
         cmd += ["--" + key.replace("_", "-"), str(value)]
-    cmd += shlex.split(args.server_args)
+    cmd += list(extra_args)
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}; see {log_path}")
@@ -331,9 +333,9 @@ def start_server(args, options: dict, log_path: pathlib.Path) -> tuple[subproces
                     return process, url, " ".join(cmd)
         except OSError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.5)  # polling another process's port: there is nothing to wait on
     process.terminate()
-    raise RuntimeError(f"server not ready after 900 s; see {log_path}")
+    raise RuntimeError(f"server not ready after {timeout:.0f} s; see {log_path}")
 
 
 async def measure(targets, work: list[Work], args) -> list[dict]:
@@ -445,7 +447,9 @@ async def _run(args, work: list[Work], result: dict, log_path: pathlib.Path) -> 
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     served = build_served_model("bench", args.model, dtype=args.dtype, **args.engine_options)
-    process, url, command = start_server(args, args.engine_options, log_path)
+    process, url, command = start_server(
+        args.model, args.dtype, args.engine_options, log_path, extra_args=shlex.split(args.server_args),
+        cache_dir=args.compilation_cache_dir)
     result["server"] = {"command": command, "log": str(log_path), "model": args.model, "dtype": args.dtype,
                         "engine_options": args.engine_options, "device": jax.devices()[0].device_kind}
     try:
