@@ -321,7 +321,8 @@ class Scheduler:
             request.kv = KVLocation.NONE
 
     def _admit(self, request: Request, n: int, swap_in: list[SwapOp]) -> bool:
-        """Seat ``request`` for ``n`` tokens if there is a seat and pages; False changes nothing."""
+        """Seat ``request`` for ``n`` tokens if there is a seat and pages; False seats nothing (parked
+        requests may still have been evicted while looking for pages)."""
         if len(self._running) >= self.config.max_num_seqs or n == 0:
             return False
         rid, total = request.request_id, request.num_computed_tokens + n
