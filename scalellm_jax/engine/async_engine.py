@@ -140,9 +140,8 @@ class AsyncEngine:
                 self._drain_inbox(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
                     start = time.monotonic()
-                    outputs = self.engine.step()
+                    self.engine.step(on_outputs=self._deliver)  # delivered before the device wait
                     self._mark_scheduled(start)
-                    self._deliver(outputs)
                 self.stats = self.engine.stats()
         except BaseException as exc:  # deliver the failure to every waiting client, never hang them
             logger.exception("engine thread failed")

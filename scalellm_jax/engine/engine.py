@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -174,13 +175,18 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_outputs: Callable[[list[RequestOutput]], None] | None = None) -> list[RequestOutput]:
         """Run one step; returns outputs for the requests that got a token or finished.
 
         Outputs trail the device by one step: step N's outputs (detokenization, stop strings, the
         output objects) are built in the call that runs step N+1, while the device computes it.
         A request stopped by a stop string in step N may already be in step N+1's batch; that
         extra work is discarded (``update`` skips finished requests).
+
+        ``on_outputs``, if given, receives those outputs as soon as they are built, before this
+        call waits for the device, and the call returns ``[]``. A server uses it so that a client
+        sees a finished request (and can send its next one) a device step earlier, in time for
+        the next step's schedule.
         """
         plan = self.scheduler.schedule()
         self.runner.swap(plan.swap_out, plan.swap_in)  # preempted KV out to host, resumed KV back in
@@ -190,6 +196,10 @@ class LLMEngine:
             dispatched = self.runner.execute(self.runner.prepare(plan.scheduled, self.kv))
         self.runner.finish_swaps()  # swap-outs land in host memory while the device runs the step
         outputs = self._emit_pending()  # host work for step N-1, overlapping the device's step N
+        if on_outputs is not None:
+            if outputs:
+                on_outputs(outputs)
+            outputs = []
         if dispatched is None:
             return outputs
         tokens, logprobs = (np.asarray(a) for a in dispatched)  # the step's one device→host transfer
