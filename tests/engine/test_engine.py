@@ -171,3 +171,38 @@ def test_top_k_beyond_the_vocabulary_means_no_filter(engine):
                                                         ignore_eos=True))
         outs.append(run_to_completion(engine)[rid].token_ids)
     assert outs[0] == outs[1]
+
+
+def test_on_outputs_gets_each_steps_outputs_before_the_device_wait(engine, monkeypatch):
+    """With ``on_outputs`` the same outputs arrive through the callback, before the step blocks on
+    the device for its sampled tokens, and ``step`` returns nothing itself."""
+    rng = np.random.default_rng()
+    prompts = [random_prompt(rng) for _ in range(3)]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    expected = run_to_completion(engine)
+    events, finished = [], {}
+
+    class Transfer:  # the step's device→host transfer is np.asarray on what execute returned
+        def __init__(self, array):
+            self.array = array
+
+        def __array__(self, dtype=None, copy=None):
+            events.append("wait")
+            return np.asarray(self.array, dtype)
+
+    execute = engine.runner.execute
+    monkeypatch.setattr(engine.runner, "execute", lambda batch: tuple(Transfer(a) for a in execute(batch)))
+
+    def on_outputs(outputs):
+        events.append("outputs")
+        finished.update((o.request_id, o) for o in outputs if o.finished)
+
+    new_ids = [engine.add_request(p, params) for p in prompts]
+    while engine.has_unfinished():
+        events.append("|")
+        assert engine.step(on_outputs=on_outputs) == []
+    assert [finished[i].token_ids for i in new_ids] == [expected[i].token_ids for i in ids]
+    steps = [step.split() for step in " ".join(events).split("|")]
+    both = [s for s in steps if "outputs" in s and "wait" in s]
+    assert both and all(s.index("outputs") < s.index("wait") for s in both)
