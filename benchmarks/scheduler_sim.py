@@ -89,8 +89,14 @@ def with_seats(times: StepTimes, max_num_seqs: int | None) -> StepTimes:
 
 def kv_budget(times: StepTimes, args) -> KVBudget:
     """Device pages like the CPU engine's default; host pages like its default 4 GiB swap space."""
+    from scalellm_jax.engine.kv_manager import KVManager
+
     g = times.geometry
     num_pages = args.num_pages or g.cpu_num_pages
+    kv = KVManager(num_pages, g.page_size, g.max_pages_per_seq)
+    if kv.num_usable_pages - kv.watermark_pages < g.max_pages_per_seq:  # the scheduler's per-request check
+        raise ValueError(f"--num-pages {num_pages} is too small: a request of max_model_len {g.max_model_len} "
+                         f"needs {g.max_pages_per_seq} pages plus the null page and the admission watermark")
     model = times.meta.get("model_config")
     if model is None:
         return KVBudget(num_pages, num_pages)
@@ -346,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         setup = prepare(args, say)
-    except ValueError as exc:  # a bad dataset row or an impossible --max-num-seqs
+    except ValueError as exc:  # a bad dataset row, an impossible --max-num-seqs or --num-pages
         print(f"error: {exc}", file=sys.stderr)
         return 2
     capacity = measure_capacity(setup, alise_config)

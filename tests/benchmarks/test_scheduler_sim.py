@@ -64,6 +64,13 @@ def test_missing_dataset_exits_2(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: dataset not found")
 
 
+def test_too_few_pages_for_one_request_exits_2_naming_the_flag(tmp_path, skewed_dataset, calibration, capsys):
+    argv = ["--dataset", str(skewed_dataset), "--calibration", str(calibration), "--num-pages", "40"]
+    assert sim.main(argv) == 2  # 1024-token context = 64 pages; 40 cannot hold one request
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --num-pages 40 is too small") and "\n" not in err
+
+
 def test_load_at_slo_interpolates_and_flags_censoring():
     rows = [{"policy": "p", "load": x, "mean_latency_s": m} for x, m in ((0.5, 10.0), (0.6, 20.0), (0.7, 40.0))]
     assert sim.load_at_slo(rows, "p", 30.0) == {"load": pytest.approx(0.65), "censored": None}
