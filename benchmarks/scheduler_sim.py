@@ -135,14 +135,16 @@ def prepare(args, say) -> Setup:
 # ---------------------------------------------------------------------------------------------- sweep
 
 
-def run_policy(setup: Setup, policy: str, rate: float | None, alise_config) -> list:
-    """One run per stream of ``policy`` at ``rate`` requests/s (None: all at t=0)."""
+def run_policy(setup: Setup, policy: str, rate: float | None, alise_config, seats: int | None = None) -> list:
+    """One run per stream of ``policy`` at ``rate`` requests/s (None: all at t=0), on ``seats`` seats
+    (default: the setup's)."""
+    times = with_seats(setup.times, seats)
     runs = []
     for stream in setup.streams:
         requests = build_requests(stream, setup.replay, rate, setup.times.geometry.max_model_len)
         predicted, true = length_tables(requests, stream, setup.predictions)
         pol, costs = build_policy(policy, FixedLengths(predicted), true, alise_config)
-        runs.append(simulate(requests, pol, costs, setup.times, setup.budget))
+        runs.append(simulate(requests, pol, costs, times, setup.budget))
     return runs
 
 
@@ -154,13 +156,18 @@ def measure_capacity(setup: Setup, alise_config) -> dict:
             "mean_output_len": mean_len, "burst_rps": float(np.mean([len(r.arrival) / r.makespan for r in runs]))}
 
 
-def sweep(setup: Setup, policies, loads, capacity_rps: float, alise_config, say) -> list[dict]:
+def sweep(setup: Setup, policies, loads, capacity_rps: float, alise_config, say,
+          policy_seats: dict[str, int] | None = None) -> list[dict]:
+    """Every policy at every load; ``policy_seats`` caps some policies' seats (a static admission
+    limit) while loads stay fractions of the full-seat capacity."""
     rows = []
     for policy in policies:
+        seats = (policy_seats or {}).get(policy)
         for load in loads:
             start = time.perf_counter()
-            metrics = summarize(run_policy(setup, policy, load * capacity_rps, alise_config))
-            rows.append({"policy": policy, "load": load, **metrics, "offered_rps": load * capacity_rps})
+            metrics = summarize(run_policy(setup, policy, load * capacity_rps, alise_config, seats))
+            rows.append({"policy": policy, "load": load, **metrics, "offered_rps": load * capacity_rps,
+                         "seats": seats or setup.times.geometry.max_num_seqs})
             say(f"  {policy:8} load {load:.2f}: mean {metrics['mean_latency_s']:7.1f} s, "
                 f"p99 {metrics['p99_latency_s']:7.1f} s ({time.perf_counter() - start:.1f} s)")
     return rows
@@ -305,6 +312,13 @@ def _alise_overrides(text: str) -> dict:
     return {k.strip(): float(v) for k, v in pairs}
 
 
+def _policy_seats(text: str) -> dict[str, int]:
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if any(len(pair) != 2 or pair[0].strip() not in POLICIES or not pair[1].strip().isdigit() for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected POLICY=SEATS,... with POLICY one of {list(POLICIES)}, got {text!r}")
+    return {k.strip(): int(v) for k, v in pairs}
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.scheduler_sim", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", type=pathlib.Path, default=DEFAULT_DATA, help="JSONL with instruction/output")
@@ -321,6 +335,9 @@ def parse_args(argv):
     p.add_argument("--slo-factor", type=float, default=2.0)
     p.add_argument("--num-pages", type=int, default=None, help="device KV pages (default: the CPU engine's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="seats (default and maximum: the calibration's)")
+    p.add_argument("--policy-seats", type=_policy_seats, default={},
+                   help="fewer seats for some policies, e.g. alise=32,oracle=32 (loads stay relative to the "
+                        "full-seat fcfs capacity)")
     p.add_argument("--alise-config", type=_alise_overrides, default={},
                    help="AliseConfig fields to override for alise and oracle, e.g. aging_rate=0.5,overrun_factor=2")
     p.add_argument("--fast-predictor", action="store_true", help="predictor without MiniLM (tests)")
@@ -355,10 +372,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a bad dataset row, an impossible --max-num-seqs or --num-pages
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    seats = setup.times.geometry.max_num_seqs
+    too_many = {k: v for k, v in args.policy_seats.items() if not 1 <= v <= seats}
+    if too_many:
+        print(f"error: --policy-seats: {too_many} outside [1, {seats}] (the simulated engine's seats)", file=sys.stderr)
+        return 2
     capacity = measure_capacity(setup, alise_config)
     say(f"capacity: {capacity['capacity_rps']:.3f} req/s")
     start = time.perf_counter()
-    rows = sweep(setup, args.policies, args.loads, capacity["capacity_rps"], alise_config, say)
+    rows = sweep(setup, args.policies, args.loads, capacity["capacity_rps"], alise_config, say, args.policy_seats)
     analysis = analyze(rows, capacity["capacity_rps"], args.slo_factor)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or RESULTS / f"scheduler_sim-{stamp}.json"
@@ -370,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": str(args.dataset), "num_replay_rows": len(setup.replay), "num_requests": args.num_requests,
         "seeds": args.seeds, "priority_fraction": args.priority_fraction, "train_fraction": args.train_fraction,
         "predictor": "fast (no MiniLM)" if args.fast_predictor else "default PredictorConfig",
-        "alise_config": dataclasses.asdict(alise_config), "kv_budget": dataclasses.asdict(setup.budget),
+        "alise_config": dataclasses.asdict(alise_config), "policy_seats": args.policy_seats,
+        "kv_budget": dataclasses.asdict(setup.budget),
         "geometry": dataclasses.asdict(setup.times.geometry),
         "calibration": setup.times.to_json(), "capacity": capacity, "targets": TARGETS, "analysis": analysis,
         "sweep_s": time.perf_counter() - start, "plot": None if note else str(plot_path), "rows": rows,

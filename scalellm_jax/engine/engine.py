@@ -97,7 +97,7 @@ class LLMEngine:
         )
         num_host_pages = int(config.swap_space_gb * 2**30) // self.runner.swap_page_bytes(config.swap_compression)
         self.kv = KVManager(num_pages, config.page_size, max_pages_per_seq, num_host_pages=num_host_pages)
-        self.step_costs = StepCostModel()
+        self.step_costs = StepCostModel(decode_buckets=self.runner.seq_buckets)
         alise = AliseConfig() if config.aging_rate is None else AliseConfig(aging_rate=config.aging_rate)
         if config.scheduling_policy == "alise" and lengths is None:
             from scalellm_jax.engine.predicted_lengths import PredictedLengths  # loads the sentence encoder

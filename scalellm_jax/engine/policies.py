@@ -18,6 +18,7 @@ import abc
 from dataclasses import dataclass
 from typing import Protocol
 
+from scalellm_jax.engine.batch_width import BatchWidth, BatchWidthConfig
 from scalellm_jax.engine.request import Request
 from scalellm_jax.engine.step_costs import StepCostModel
 
@@ -42,6 +43,10 @@ class Policy(abc.ABC):
     def should_preempt(self, candidate: Request, victim: Request, now: float) -> bool:
         """Whether waiting ``candidate`` may take the seat or pages of running ``victim``."""
         return False
+
+    def seat_limit(self, max_num_seqs: int, waiting: list[Request], now: float) -> int:
+        """How many requests may run after this step's admissions (running ones above it stay)."""
+        return max_num_seqs
 
     def on_add(self, request: Request) -> None:  # noqa: B027 (optional hook, nothing by default)
         """A request entered the scheduler (e.g. start predicting its length)."""
@@ -101,7 +106,9 @@ class AliseConfig:
     ``preempt_ratio``: a waiting request preempts a running one only if the victim's remaining
     work is at least this many times the candidate's (or its priority is worse), so that swaps
     are paid only for a clear gain. ``overrun_factor``: a request that outlives its prediction is
-    assumed to run this many times its current output length in total.
+    assumed to run this many times its current output length in total. ``narrow_*``: the
+    ``batch_width`` knobs (``BatchWidthConfig`` without the prefix); ``narrow_step_saving >= 1``
+    turns width control off.
     """
 
     # aging_rate tuned with benchmarks/scheduler_sim.py (AlpacaEval/Mixtral lengths, loads 0.9-1.2): 0.3
@@ -111,6 +118,10 @@ class AliseConfig:
     preempt_ratio: float = 4.0
     overrun_factor: float = 1.5
     default_output_len: float = 256.0  # before the first prediction (or observation) is in
+    narrow_step_saving: float = 0.2
+    narrow_headroom: float = 1.0  # sim-tuned: 1.25 narrowed too rarely to help at loads 0.7-0.8
+    narrow_backlog_steps: float = 200.0
+    narrow_window: int = 64
 
     def __post_init__(self):
         for name in ("aging_rate", "priority_weight_s"):
@@ -120,6 +131,16 @@ class AliseConfig:
             raise ValueError(f"preempt_ratio must be >= 1, got {self.preempt_ratio}")
         if self.overrun_factor <= 1:
             raise ValueError(f"overrun_factor must be > 1, got {self.overrun_factor}")
+        if self.narrow_window != int(self.narrow_window):
+            raise ValueError(f"narrow_window must be a whole number, got {self.narrow_window}")
+        try:
+            self.batch_width()  # validates the narrow_* knobs
+        except ValueError as exc:
+            raise ValueError(f"narrow_{exc}") from None
+
+    def batch_width(self) -> BatchWidthConfig:
+        return BatchWidthConfig(step_saving=self.narrow_step_saving, headroom=self.narrow_headroom,
+                                backlog_steps=self.narrow_backlog_steps, window=int(self.narrow_window))
 
 
 class AlisePolicy(Policy):
@@ -128,7 +149,8 @@ class AlisePolicy(Policy):
     rank = remaining_s + priority × priority_weight_s − aging_rate × waited_s, where remaining_s
     is the estimated time to finish: prompt tokens still to prefill times the measured prefill
     cost per token, plus predicted output tokens still to generate times the measured decode
-    step time (``StepCostModel``, calibrated online from real steps).
+    step time (``StepCostModel``, calibrated online from real steps). It also runs fewer
+    sequences at once when that is clearly faster and keeps up (``batch_width``).
     """
 
     name = "alise"
@@ -136,14 +158,21 @@ class AlisePolicy(Policy):
     def __init__(self, lengths: LengthEstimates, costs: StepCostModel, config: AliseConfig | None = None):
         self.lengths = lengths
         self.costs = costs
-        self.config = config or AliseConfig()
+        self.config = config = config or AliseConfig()
+        self.width = None
+        if config.narrow_step_saving < 1:
+            self.width = BatchWidth(costs, config.batch_width(), self.output_tokens, self.remaining_output_tokens)
 
-    def remaining_output_tokens(self, request: Request) -> float:
-        generated = request.num_output_tokens
+    def output_tokens(self, request: Request) -> float:
+        """Predicted total output tokens (the default before a prediction is in), within max_tokens."""
         predicted = self.lengths.predicted(request)
         if predicted is None:
             predicted = self.config.default_output_len
-        predicted = min(predicted, request.sampling_params.max_tokens)
+        return min(predicted, request.sampling_params.max_tokens)
+
+    def remaining_output_tokens(self, request: Request) -> float:
+        generated = request.num_output_tokens
+        predicted = self.output_tokens(request)
         if generated >= predicted:  # outlived its prediction: expect it to run a while longer
             predicted = min(self.config.overrun_factor * generated, request.sampling_params.max_tokens)
         return max(predicted - generated, 1.0)
@@ -171,8 +200,13 @@ class AlisePolicy(Policy):
             return candidate.priority < victim.priority
         return self.remaining_s(victim) >= self.config.preempt_ratio * self.remaining_s(candidate)
 
+    def seat_limit(self, max_num_seqs: int, waiting: list[Request], now: float) -> int:
+        return max_num_seqs if self.width is None else self.width.seat_limit(max_num_seqs, waiting, now)
+
     def on_add(self, request: Request) -> None:
         self.lengths.start(request)
+        if self.width is not None:
+            self.width.on_arrival(request)
 
     def on_finish(self, request: Request) -> None:
         self.lengths.finish(request)

@@ -123,6 +123,7 @@ class Scheduler:
         self._running: list[Request] = []  # RUNNING, in admission order
         self._now = 0.0  # the current schedule() call's clock reading
         self._swap_out: list[SwapOp] = []  # the current schedule() call's swap-outs
+        self._seats = config.max_num_seqs  # the current schedule() call's seat limit (policy.seat_limit)
 
     # ----------------------------------------------------------------------------- queues
 
@@ -252,6 +253,8 @@ class Scheduler:
         # unless the policy lets it preempt a running request; with FCFS that means no
         # head-of-line skipping (a big prompt is not starved by small ones behind it).
         swap_in: list[SwapOp] = []
+        self._seats = max(1, min(self.config.max_num_seqs,
+                                 self.policy.seat_limit(self.config.max_num_seqs, self._waiting, now)))
         if not preempted:
             admitted = False
             for request in self.policy.order_waiting(self._waiting, now):
@@ -323,7 +326,7 @@ class Scheduler:
     def _admit(self, request: Request, n: int, swap_in: list[SwapOp]) -> bool:
         """Seat ``request`` for ``n`` tokens if there is a seat and pages; False seats nothing (parked
         requests may still have been evicted while looking for pages)."""
-        if len(self._running) >= self.config.max_num_seqs or n == 0:
+        if len(self._running) >= self._seats or n == 0:
             return False
         rid, total = request.request_id, request.num_computed_tokens + n
         if request.kv is KVLocation.HOST:

@@ -4,7 +4,9 @@ ALISE ranks requests by estimated remaining *time*, so token counts must become 
 decode step (one token for every running request) and a prefill token have very different
 costs, and both depend on the hardware and the model. The engine reports every step it runs;
 this model keeps exponential moving averages of the decode-step time and of the time per
-prefill token (a mixed step's time minus one decode step, over its prefill tokens).
+prefill token (a mixed step's time minus one decode step, over its prefill tokens). It also keeps
+one average per decode shape bucket (the runner pads a decode step's rows up to a bucket), which
+is what ``batch_width`` compares to decide how many sequences to run at once.
 """
 
 from __future__ import annotations
@@ -31,13 +33,32 @@ class StepCostPrior:
 class StepCostModel:
     """Moving averages of seconds per decode step and per prefill token (thread-safe)."""
 
-    def __init__(self, prior: StepCostPrior | None = None):
+    def __init__(self, prior: StepCostPrior | None = None, decode_buckets: tuple[int, ...] | None = None):
+        """``decode_buckets``: the runner's decode row buckets (default: powers of two)."""
         prior = prior or StepCostPrior()
         self._alpha = prior.smoothing
         self.decode_step_s = prior.decode_step_s
         self.prefill_token_s = prior.prefill_token_s
         self.num_observed = 0
+        self._buckets = tuple(sorted(decode_buckets)) if decode_buckets else None
+        self._bucket_s: dict[int, float] = {}  # decode bucket → moving average, once measured
         self._lock = threading.Lock()
+
+    def bucket(self, rows: int) -> int:
+        """The decode bucket ``rows`` rows are padded up to."""
+        if self._buckets is None:
+            return 1 << max(0, rows - 1).bit_length()
+        return next((b for b in self._buckets if rows <= b), self._buckets[-1])
+
+    def decode_step_s_at(self, rows: int) -> float | None:
+        """Measured seconds of a decode step of ``rows`` rows (its bucket's average), or None."""
+        with self._lock:
+            return self._bucket_s.get(self.bucket(rows))
+
+    def decode_buckets_s(self) -> dict[int, float]:
+        """Every measured decode bucket's average step seconds."""
+        with self._lock:
+            return dict(self._bucket_s)
 
     def observe(self, *, prefill_tokens: int, decode_rows: int, seconds: float) -> None:
         """Record one step that ran ``prefill_tokens`` prompt tokens and ``decode_rows`` decodes."""
@@ -49,6 +70,9 @@ class StepCostModel:
             if prefill_tokens == 0:
                 if decode_rows:
                     self.decode_step_s += a * (seconds - self.decode_step_s)
+                    bucket = self.bucket(decode_rows)
+                    before = self._bucket_s.get(bucket)
+                    self._bucket_s[bucket] = seconds if before is None else before + a * (seconds - before)
                 return
             # A mixed step costs about one decode step plus its prefill tokens.
             per_token = max(seconds - (self.decode_step_s if decode_rows else 0.0), 0.0) / prefill_tokens

@@ -59,6 +59,29 @@ def test_cli_rows_and_alise_beats_fcfs_on_skewed_load(tmp_path, skewed_dataset, 
     assert png.is_file() or result["plot"] is None
 
 
+def test_policy_seats_cap_only_the_named_policy(tmp_path, skewed_dataset, calibration):
+    out = tmp_path / "result.json"
+    argv = ["--dataset", str(skewed_dataset), "--calibration", str(calibration), "--fast-predictor",
+            "--num-requests", "40", "--seeds", "1", "--loads", "0.9", "--policies", "fcfs,alise",
+            "--policy-seats", "alise=1", "--out", str(out), "--plot", str(tmp_path / "p.png")]
+    assert sim.main(argv) == 0
+    result = json.loads(out.read_text())
+    rows = {r["policy"]: r for r in result["rows"]}
+    assert rows["alise"]["seats"] == 1 and rows["fcfs"]["seats"] == 4 and result["policy_seats"] == {"alise": 1}
+    assert rows["alise"]["mean_ttft_s"] > rows["fcfs"]["mean_ttft_s"]  # one seat: requests queue behind each other
+
+
+@pytest.mark.parametrize("value", ["alise=9", "nosuch=2", "alise=x"])
+def test_bad_policy_seats_exit_2_naming_the_flag(tmp_path, skewed_dataset, calibration, capsys, value):
+    argv = ["--dataset", str(skewed_dataset), "--calibration", str(calibration), "--fast-predictor",
+            "--policy-seats", value, "--out", str(tmp_path / "r.json")]
+    try:
+        code = sim.main(argv)  # alise=9: more seats than the 4-seat calibration, found after setup
+    except SystemExit as exc:  # malformed values: argparse's usage error
+        code = exc.code
+    assert code == 2 and "--policy-seats" in capsys.readouterr().err
+
+
 def test_missing_dataset_exits_2(tmp_path, capsys):
     assert sim.main(["--dataset", str(tmp_path / "absent.jsonl")]) == 2
     assert capsys.readouterr().err.startswith("error: dataset not found")
