@@ -143,7 +143,7 @@ def run_policy(setup: Setup, policy: str, rate: float | None, alise_config, seat
     for stream in setup.streams:
         requests = build_requests(stream, setup.replay, rate, setup.times.geometry.max_model_len)
         predicted, true = length_tables(requests, stream, setup.predictions)
-        pol, costs = build_policy(policy, FixedLengths(predicted), true, alise_config)
+        pol, costs = build_policy(policy, FixedLengths(predicted), true, alise_config, tuple(times.decode_s))
         runs.append(simulate(requests, pol, costs, times, setup.budget))
     return runs
 

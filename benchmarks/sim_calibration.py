@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from scalellm_jax.engine.runner import bucket_for, pow2_buckets
+from scalellm_jax.engine.runner import bucket_for
 from scalellm_jax.engine.scheduler import SchedulerOutput
 
 BASE_CONTEXT = 16  # KV length per decode row for the base timings
@@ -213,7 +213,7 @@ def calibrate(geometry: Geometry, model_config, reps: int = 30, seed: int = 0, p
     )
     full = geometry.max_num_seqs
     batches = {("decode", n): _build_batch(runner, True, n, [(1, BASE_CONTEXT)] * n)
-               for n in pow2_buckets(1, full)}
+               for n in runner.seq_buckets}
     long_context = min(LONG_CONTEXT, geometry.max_model_len)
     batches["long"] = _build_batch(runner, True, full, [(1, long_context)] * full)  # for the KV slope
     batches |= {("mixed", n): _build_batch(runner, False, n, _mixed_rows(geometry, n)) for n in runner.token_buckets}

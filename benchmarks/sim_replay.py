@@ -38,11 +38,13 @@ class KVBudget:
     num_host_pages: int  # host swap space
 
 
-def build_policy(name: str, predicted, true: dict[str, int], alise: AliseConfig) -> tuple[Policy, StepCostModel | None]:
-    """The policy and, for the ALISE family, its online step-cost model (fresh per run)."""
+def build_policy(name: str, predicted, true: dict[str, int], alise: AliseConfig,
+                 decode_buckets: tuple[int, ...] | None = None) -> tuple[Policy, StepCostModel | None]:
+    """The policy and, for the ALISE family, its online step-cost model (fresh per run) over the
+    calibration's ``decode_buckets``."""
     if name in ("fcfs", "priority"):
         return make_policy(name), None
-    costs = StepCostModel()
+    costs = StepCostModel(decode_buckets=decode_buckets)
     if name == "alise":
         return make_policy("alise", lengths=predicted, costs=costs, alise=alise), costs
     if name == "oracle":

@@ -3,11 +3,15 @@
 A step's batch is flattened to tokens and padded up to a shape bucket so that serving compiles
 nothing after warmup:
 
-* **mixed** steps (any prefill chunk in the batch): ``num_tokens`` rounded up to a power of two
+* **mixed** steps (any prefill chunk in the batch): ``num_tokens`` rounded up to a bucket
   (≥ 16, ≤ ``max_num_batched_tokens``); the sequence axis is always ``max_num_seqs`` rows, because
   padding rows cost nothing in the ragged kernel (zero new tokens, zero kv length).
-* **decode** steps (one token per sequence): ``num_seqs`` rounded up to a power of two, through the
+* **decode** steps (one token per sequence): ``num_seqs`` rounded up to a bucket, through the
   decode kernel.
+
+Buckets are powers of two, plus 1.5× powers of two from 16 rows and from 128 tokens
+(``step_buckets``): without them 33 running sequences pay for 64 (a CPU decode step at 64 rows
+costs nearly twice one at 32), and a 257-token step for 512.
 
 The KV pools are donated to every step, so XLA updates them in place. Sampling happens inside the
 step: only token ids and their logprobs come back to the host.
@@ -41,6 +45,12 @@ def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
         sizes.append(size)
         size *= 2
     return (*sizes, hi)
+
+
+def step_buckets(lo: int, hi: int, fine_from: int) -> tuple[int, ...]:
+    """``pow2_buckets(lo, hi)`` plus the 1.5× powers of two (24, 48, 96, ...) from ``fine_from`` up."""
+    fine = {3 * p // 2 for p in pow2_buckets(lo, hi) if p >= fine_from and p & (p - 1) == 0}
+    return tuple(sorted(set(pow2_buckets(lo, hi)) | {n for n in fine if lo <= n < hi}))
 
 
 def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
@@ -108,8 +118,8 @@ class ModelRunner:
         self.num_pages = num_pages
         self.max_pages_per_seq = max_pages_per_seq
         self.max_num_seqs = max_num_seqs
-        self.token_buckets = pow2_buckets(min(16, max_num_batched_tokens), max_num_batched_tokens)
-        self.seq_buckets = pow2_buckets(1, max_num_seqs)
+        self.token_buckets = step_buckets(min(16, max_num_batched_tokens), max_num_batched_tokens, fine_from=128)
+        self.seq_buckets = step_buckets(1, max_num_seqs, fine_from=16)
         scale = c.head_dim**-0.5
         mesh = model.mesh
         mixed = PagedAttention(c.sliding_window, scale, kernels, decode_only=False, interpret=interpret, mesh=mesh)
