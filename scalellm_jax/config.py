@@ -227,22 +227,11 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 2):
                 raise ConfigError(f"EngineConfig.{name} must be an integer ≥ 2 or None, got {value!r}")
-        if self.attention_kernels not in ATTENTION_KERNELS:
-            raise ConfigError(
-                f"EngineConfig.attention_kernels must be one of {ATTENTION_KERNELS}, got {self.attention_kernels!r}"
-            )
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(
-                f"EngineConfig.kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
-            )
-        if self.scheduling_policy not in SCHEDULING_POLICIES:
-            raise ConfigError(
-                f"EngineConfig.scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}"
-            )
-        if self.swap_compression not in SWAP_COMPRESSIONS:
-            raise ConfigError(
-                f"EngineConfig.swap_compression must be one of {SWAP_COMPRESSIONS}, got {self.swap_compression!r}"
-            )
+        for name, choices in (("attention_kernels", ATTENTION_KERNELS), ("kv_cache_dtype", KV_CACHE_DTYPES),
+                              ("scheduling_policy", SCHEDULING_POLICIES), ("swap_compression", SWAP_COMPRESSIONS)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"EngineConfig.{name} must be one of {choices}, got {value!r}")
         for name in ("aging_rate", "swap_space_gb"):
             value = getattr(self, name)
             if value is None and name == "aging_rate":

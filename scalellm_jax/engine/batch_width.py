@@ -83,6 +83,9 @@ class BatchWidth:
         narrow_tokens_s = narrow / self.costs.decode_step_s_at(narrow) * max(0.0, 1.0 - prefill_share)
         if demand_tokens_s * c.headroom > narrow_tokens_s:
             return max_num_seqs
-        if sum(self._remaining_tokens(r) for r in waiting) > c.backlog_steps * narrow:
-            return max_num_seqs
+        backlog, limit = 0.0, c.backlog_steps * narrow
+        for request in waiting:  # stops at the limit: under overload the queue can be long
+            backlog += self._remaining_tokens(request)
+            if backlog > limit:
+                return max_num_seqs
         return narrow

@@ -123,7 +123,6 @@ class Scheduler:
         self._running: list[Request] = []  # RUNNING, in admission order
         self._now = 0.0  # the current schedule() call's clock reading
         self._swap_out: list[SwapOp] = []  # the current schedule() call's swap-outs
-        self._seats = config.max_num_seqs  # the current schedule() call's seat limit (policy.seat_limit)
 
     # ----------------------------------------------------------------------------- queues
 
@@ -253,8 +252,8 @@ class Scheduler:
         # unless the policy lets it preempt a running request; with FCFS that means no
         # head-of-line skipping (a big prompt is not starved by small ones behind it).
         swap_in: list[SwapOp] = []
-        self._seats = max(1, min(self.config.max_num_seqs,
-                                 self.policy.seat_limit(self.config.max_num_seqs, self._waiting, now)))
+        seats = max(1, min(self.config.max_num_seqs,
+                           self.policy.seat_limit(self.config.max_num_seqs, self._waiting, now)))
         if not preempted:
             admitted = False
             for request in self.policy.order_waiting(self._waiting, now):
@@ -262,7 +261,7 @@ class Scheduler:
                     break
                 n = min(request.num_pending_tokens, budget)
                 victims = 0
-                while not self._admit(request, n, swap_in):
+                while not self._admit(request, n, swap_in, seats):
                     victim = self.policy.pick_victim(self._running, now) if self._running else None
                     if victim is None or not self.policy.should_preempt(request, victim, now):
                         break
@@ -323,10 +322,10 @@ class Scheduler:
             request.num_computed_tokens = 0
             request.kv = KVLocation.NONE
 
-    def _admit(self, request: Request, n: int, swap_in: list[SwapOp]) -> bool:
-        """Seat ``request`` for ``n`` tokens if there is a seat and pages; False seats nothing (parked
-        requests may still have been evicted while looking for pages)."""
-        if len(self._running) >= self._seats or n == 0:
+    def _admit(self, request: Request, n: int, swap_in: list[SwapOp], seats: int) -> bool:
+        """Seat ``request`` for ``n`` tokens if fewer than ``seats`` run and there are pages; False seats
+        nothing (parked requests may still have been evicted while looking for pages)."""
+        if len(self._running) >= seats or n == 0:
             return False
         rid, total = request.request_id, request.num_computed_tokens + n
         if request.kv is KVLocation.HOST:
