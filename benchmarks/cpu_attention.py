@@ -112,7 +112,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 call (smoke run)")
     parser.add_argument("--out", type=pathlib.Path,
                         help="JSON path (default: benchmarks/results/cpu_attention-<stamp>.json)")
-    args = parser.parse_args(argv)
+    raw_argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(raw_argv)
+    git = git_state()  # before the run, like the other benchmarks
     rounds, reps = (2, 1) if args.quick else (7, 3)
     result = run(rounds, reps)
     for row in result["prefill_512_tokens"]:
@@ -123,8 +125,8 @@ def main(argv=None) -> int:
         print(f"decode 64 rows x {row['context']:>5}  {cells}")
     now = datetime.datetime.now(datetime.UTC)
     out = args.out or RESULTS / f"cpu_attention-{now.strftime('%Y%m%d-%H%M%S')}.json"
-    record = {"benchmark": "cpu_attention", "date": now.isoformat(timespec="seconds"), "git": git_state(),
-              "command": " ".join(["python -m benchmarks.cpu_attention", *sys.argv[1:]]),
+    record = {"benchmark": "cpu_attention", "date": now.isoformat(timespec="seconds"), "git": git,
+              "command": " ".join(["python -m benchmarks.cpu_attention", *raw_argv]),
               "device": f"{jax.devices()[0].platform} ({jax.device_count()} devices)", "jax": jax.__version__,
               "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "page_size": PAGE,
                          "dtype": jnp.dtype(jnp.float32).name, "tokens": TOKENS, "rows": SEQS},

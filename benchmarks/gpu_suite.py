@@ -180,7 +180,7 @@ def decode(cfg: SuiteConfig, copy_bw: float) -> dict:
 
 
 def serving(cfg: SuiteConfig, out_dir: pathlib.Path, timeout: float) -> dict:
-    from benchmarks.serving import start_server
+    from benchmarks.serving import start_server, stop_server
 
     options = dict(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                    max_model_len=cfg.max_model_len)
@@ -196,11 +196,7 @@ def serving(cfg: SuiteConfig, out_dir: pathlib.Path, timeout: float) -> dict:
         subprocess.run(client, check=True, cwd=ROOT, timeout=timeout)
         measured = json.loads(client_out.read_text())
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_server(process)
     return {"server_command": command, "server_ready_s": ready_s, "client": measured}
 
 
@@ -208,7 +204,7 @@ def hf_baseline(cfg: SuiteConfig) -> dict:
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from benchmarks.offline_throughput import hf_generate, load_workload
+    from benchmarks.offline_throughput import load_workload, run_hf
     from scalellm_jax import preset
     from scalellm_jax.tokenizer import MistralTokenizer
 
@@ -225,19 +221,9 @@ def hf_baseline(cfg: SuiteConfig) -> dict:
     finally:
         torch.set_default_dtype(previous)
     build_s = time.perf_counter() - start
-    produced, steps = 0, 0
-    start = time.perf_counter()
-    for b in range(0, len(work.prompts), cfg.hf_batch):
-        prompts, lengths = work.prompts[b:b + cfg.hf_batch], work.lengths[b:b + cfg.hf_batch]
-        hf_generate(hf, prompts, lengths, device=device)
-        produced += sum(lengths)  # the useful tokens; padding rows' extra steps are HF's cost
-        steps += max(lengths)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    return {"device": device, "torch": torch.__version__, "build_s": build_s, "wall_s": wall,
-            "output_tokens": produced, "tokens_per_s": produced / wall, "batch_size": cfg.hf_batch,
-            "generate_steps": steps}
+    stats, _ = run_hf(hf, work, cfg.hf_batch, device)  # useful tokens; padding rows' extra steps are HF's cost
+    return {"device": device, "torch": torch.__version__, "build_s": build_s,
+            **{k: stats[k] for k in ("wall_s", "output_tokens", "tokens_per_s", "batch_size", "generate_steps")}}
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -157,13 +157,13 @@ def hf_generate(hf, prompts: list[list[int]], lengths: list[int], device: str = 
     return out[:, width:].tolist()
 
 
-def run_hf(hf, work: Workload, batch_size: int) -> tuple[dict, list[list[int]]]:
+def run_hf(hf, work: Workload, batch_size: int, device: str = "cpu") -> tuple[dict, list[list[int]]]:
     outputs: list[list[int]] = []
     raw = steps = 0
     start = time.perf_counter()
     for b in range(0, len(work.prompts), batch_size):
         prompts, lengths = work.prompts[b:b + batch_size], work.lengths[b:b + batch_size]
-        tokens = hf_generate(hf, prompts, lengths)
+        tokens = hf_generate(hf, prompts, lengths, device=device)
         outputs += [t[:n] for t, n in zip(tokens, lengths, strict=True)]
         raw += len(prompts) * max(lengths)
         steps += max(lengths)

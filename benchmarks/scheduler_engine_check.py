@@ -43,7 +43,15 @@ from benchmarks.engine_profile import StepProfile
 from benchmarks.provenance import git_state
 from benchmarks.sim_calibration import StepTimes
 from benchmarks.sim_replay import KVBudget, RunResult, summarize
-from benchmarks.sim_workload import FixedLengths, Row, build_requests, load_rows, make_stream, split_rows
+from benchmarks.sim_workload import (
+    FixedLengths,
+    Row,
+    build_requests,
+    length_tables,
+    load_rows,
+    make_stream,
+    split_rows,
+)
 
 DEFAULTS = {"num_requests": 64, "max_num_seqs": 8, "max_num_batched_tokens": 256, "max_model_len": 512,
             "max_prompt_len": 128, "max_tokens": 256}
@@ -148,8 +156,7 @@ def engine_rows(engine, streams, rows, predictions, load: float, clock, say) -> 
 
     def run(policy_name: str, stream, rate: float | None) -> RunResult:
         requests = build_requests(stream, rows, rate, engine.max_model_len)
-        lengths = FixedLengths({r.request_id: float(predictions[i])
-                                for r, i in zip(requests, stream.row_index, strict=True)})
+        lengths = FixedLengths(length_tables(requests, stream, predictions)[0])
         engine.scheduler.policy = make_policy(policy_name, lengths=lengths, costs=engine.step_costs,
                                               alise=AliseConfig())
         return drive(engine, requests, clock)
@@ -185,7 +192,7 @@ def sim_rows(args, engine, streams, rows, predictions, load: float) -> tuple[dic
                                    max_num_batched_tokens=args.max_num_batched_tokens,
                                    max_model_len=engine.max_model_len)
     setup = sim.Setup(dataclasses.replace(times, geometry=geometry),
-                      KVBudget(engine.kv.num_pages, engine.kv.num_host_pages), rows, predictions, streams, 0.0)
+                      KVBudget(engine.kv.num_pages, engine.kv.num_host_pages), rows, predictions, streams)
     burst = sim.run_policy(dataclasses.replace(setup, streams=streams[:1]), "fcfs", None, AliseConfig())[0]
     capacity = capacity_of(burst)
     return capacity, [{"policy": p, "load": load, **summarize(sim.run_policy(setup, p, load * capacity["capacity_rps"],

@@ -111,7 +111,6 @@ class Setup:
     replay: list
     predictions: np.ndarray
     streams: list
-    predictor_s: float
 
 
 def prepare(args, say) -> Setup:
@@ -129,7 +128,7 @@ def prepare(args, say) -> Setup:
         f"replaying {len(replay)} as {args.num_requests} requests x {args.seeds} seeds")
     streams = [make_stream(len(replay), args.num_requests, args.priority_fraction, args.seed + s)
                for s in range(args.seeds)]
-    return Setup(times, kv_budget(times, args), replay, predictions, streams, predictor_s)
+    return Setup(times, kv_budget(times, args), replay, predictions, streams)
 
 
 # ---------------------------------------------------------------------------------------------- sweep

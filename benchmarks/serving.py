@@ -306,6 +306,16 @@ class EngineTarget:
         return engine_request(self.served.engine, work)
 
 
+def stop_server(process: subprocess.Popen) -> None:
+    """Ask a server started by ``start_server`` to exit; kill it if it has not within 30 s."""
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def start_server(model: str, dtype: str, options: dict, log_path: pathlib.Path, *, extra_args=(),
                  cache_dir: str = "", timeout: float = 900.0) -> tuple[subprocess.Popen, str, str]:
     """Start ``python -m scalellm_jax.server`` on a free port (engine ``options`` as flags); wait for /health."""
@@ -456,8 +466,7 @@ async def _run(args, work: list[Work], result: dict, log_path: pathlib.Path) -> 
         async with HTTPTarget(url, pid=process.pid) as http:
             return await measure([EngineTarget(served), http], work, args)
     finally:
-        process.terminate()
-        process.wait(30)
+        stop_server(process)
         served.engine.shutdown()
 
 

@@ -16,7 +16,7 @@ def test_quick_run_times_every_variant_and_checks_it(tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     assert bench.main(["--quick", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert record["git"]["commit"] and record["command"].startswith("python -m benchmarks.cpu_attention")
+    assert record["git"]["commit"] and record["command"] == f"python -m benchmarks.cpu_attention --quick --out {out}"
     (row,) = record["prefill_512_tokens"]
     assert set(row["ms"]) == set(bench.PREFILL_VARIANTS)
     assert all(err < 1e-4 for err in row["max_abs_err_vs_reference"].values())
