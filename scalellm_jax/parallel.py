@@ -148,4 +148,7 @@ def put_global(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
 
 def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
     """Place ``params`` on the mesh (each device receives only its shard)."""
-    return jax.tree.map(put_global, params, param_shardings(config, mesh))
+    shardings = param_shardings(config, mesh)
+    if not mesh.is_multi_process:
+        return jax.device_put(params, shardings)  # one batched transfer
+    return jax.tree.map(put_global, params, shardings)

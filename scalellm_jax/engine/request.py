@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-_SEED_LIMIT = 2**32  # the device sampler turns seeds into uint32 PRNG keys
+SEED_LIMIT = 2**32  # the device sampler turns seeds into uint32 PRNG keys
 
 
 def _is_int(value) -> bool:
@@ -67,7 +67,7 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
         if not isinstance(self.top_p, numbers.Real) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < _SEED_LIMIT):
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         for token in self.stop_token_ids:
             if not _is_int(token) or token < 0:

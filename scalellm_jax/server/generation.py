@@ -19,7 +19,7 @@ from aiohttp import web
 
 from scalellm_jax.engine.async_engine import EngineDeadError, RequestFailedError
 from scalellm_jax.engine.engine import RequestOutput
-from scalellm_jax.engine.request import SamplingParams
+from scalellm_jax.engine.request import SEED_LIMIT, SamplingParams
 from scalellm_jax.server import protocol, responses
 from scalellm_jax.server.errors import APIError, from_engine_error
 from scalellm_jax.server.job import Choice, Job
@@ -72,11 +72,11 @@ class Generator:
                            param="model")
 
     def _job(self, req, chat: bool, prompts: list[list[int]], max_tokens: int, logprobs: bool, prompt_field: str):
-        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        stop = req.stop or ()  # SamplingParams turns one string into a one-item tuple
         choices = []
         for p in range(len(prompts)):
             for i in range(req.n):
-                seed = None if req.seed is None else (req.seed + i) % protocol.SEED_LIMIT
+                seed = None if req.seed is None else (req.seed + i) % SEED_LIMIT
                 try:
                     params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0),
                                             top_p=req.top_p, seed=seed, stop=stop, ignore_eos=req.ignore_eos,
@@ -120,10 +120,7 @@ class Generator:
                    for k, (p, _) in enumerate(job.choices)]
         events = _merge(streams)
         try:
-            try:  # the first output decides the status code: engine-side refusals are still a 400
-                first = await anext(events)
-            except (ValueError, RequestFailedError, EngineDeadError) as exc:
-                raise _engine_failure(exc, job.prompt_field) from None
+            first = await anext(events)  # before any byte is sent: an engine-side refusal is still a 400
             if job.stream:
                 return await self._stream(job, choices, first, events, http_request)
             self._record(choices, *first)
@@ -177,7 +174,7 @@ class Generator:
 
 def _check_finished(choices: list[Choice]) -> None:
     for c in choices:
-        if c.output.finish_reason not in ("stop", "length"):
+        if c.output.finish_reason not in responses.FINISH_REASONS:
             raise APIError(500, f"the engine ended choice {c.index} with finish_reason {c.output.finish_reason!r}")
 
 

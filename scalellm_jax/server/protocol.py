@@ -12,9 +12,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from scalellm_jax.engine.request import SEED_LIMIT
+
 MAX_N = 16  # choices per request: each is a full engine request
 MAX_STOP = 16
-SEED_LIMIT = 2**32
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
