@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common as C
 from pallas_kernels.kv_cache import write_kv  # the same scatter on every backend
+from pallas_kernels.reference import token_positions
 
 _NEG = -1e30
 
@@ -145,9 +146,8 @@ def ragged_prefill_attention(q, k_pages, v_pages, page_table, kv_lengths, cu_q_l
     group = num_heads // kvh
     tile_seq, tokens, live = _query_tiles(cu_q_lens, num_tokens, tile)
     num_tiles = tile_seq.shape[0]
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    first_pos = (kv_lengths - q_lens)[tile_seq] - cu_q_lens[tile_seq]  # position of token index 0
-    q_pos = jnp.where(live, first_pos[:, None] + tokens, -1)  # [t, tile]; -1 sees no key
+    _, positions, _ = token_positions(kv_lengths, cu_q_lens, num_tokens)
+    q_pos = jnp.where(live, positions[tokens], -1)  # [t, tile]; -1 sees no key
     kv_len = jnp.where(live[:, 0], kv_lengths[tile_seq], 0)
     q_tiles = jnp.where(live[..., None, None], q[tokens], 0)  # [t, tile, heads, d]
     q_tiles = q_tiles.reshape(num_tiles, tile, kvh, group, head_dim).transpose(0, 2, 1, 3, 4)

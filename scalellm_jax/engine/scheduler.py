@@ -252,9 +252,9 @@ class Scheduler:
         # unless the policy lets it preempt a running request; with FCFS that means no
         # head-of-line skipping (a big prompt is not starved by small ones behind it).
         swap_in: list[SwapOp] = []
-        seats = max(1, min(self.config.max_num_seqs,
-                           self.policy.seat_limit(self.config.max_num_seqs, self._waiting, now)))
-        if not preempted:
+        if not preempted and self._waiting:
+            seats = max(1, min(self.config.max_num_seqs,
+                               self.policy.seat_limit(self.config.max_num_seqs, self._waiting, now)))
             admitted = False
             for request in self.policy.order_waiting(self._waiting, now):
                 if budget == 0:
