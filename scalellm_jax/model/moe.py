@@ -113,7 +113,9 @@ def grouped_experts_chunked(
     # (2) overflow: rows [starts + capacity, ends) of each expert, chunk by chunk.
     over_start = starts + jnp.minimum(counts, capacity)
     over_counts = counts - (over_start - starts)
-    rows = jnp.concatenate([x[token_of], jnp.zeros((chunk, hidden), x.dtype)])
+    # Token ids (not rows) padded by a chunk: the loop gathers only the rows it visits, and under
+    # balanced routing it visits none.
+    padded_token_of = jnp.concatenate([token_of, jnp.zeros((chunk,), token_of.dtype)])
     chunks_per_expert = -(-over_counts // chunk)
     first_chunk = jnp.cumsum(chunks_per_expert) - chunks_per_expert
     max_chunks = -(-rows_total // chunk) + num_experts
@@ -124,7 +126,8 @@ def grouped_experts_chunked(
 
     def body(c, out):
         e, start = chunk_expert[c], chunk_start[c]
-        down = swiglu(jax.lax.dynamic_slice_in_dim(rows, start, chunk), w_gate[e], w_up[e], w_down[e])
+        rows = x[jax.lax.dynamic_slice_in_dim(padded_token_of, start, chunk)]  # rows past ends[e]: masked below
+        down = swiglu(rows, w_gate[e], w_up[e], w_down[e])
         live = (start + jnp.arange(chunk)) < ends[e]
         current = jax.lax.dynamic_slice_in_dim(out, start, chunk)
         return jax.lax.dynamic_update_slice_in_dim(out, current + jnp.where(live[:, None], down, 0.0), start, 0)
