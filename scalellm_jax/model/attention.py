@@ -110,4 +110,7 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         out, layer_cache = self.backend(q, k, v, positions, layer_cache, meta)
-        return jnp.einsum("btnd,ndh->bth", out, wo), layer_cache
+        # One [tokens, heads·d] × [heads·d, hidden] matmul: as an einsum over (n, d), XLA:CPU
+        # transposed wo on every call (2 ms of a 64-row decode step) to match the activation.
+        b, t = out.shape[:2]
+        return (out.reshape(b, t, -1) @ wo.reshape(-1, c.hidden_size)), layer_cache

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from scalellm_jax.engine.sampling import first_argmax, row_keys, sample, token_logprobs
 
@@ -68,13 +69,20 @@ def test_a_row_draw_does_not_depend_on_the_other_rows_parameters():
     assert plain[3] == mixed[3] == int(np.argmax(np.asarray(logits[3])))
 
 
-def test_first_argmax_matches_argmax_with_ties_and_stays_in_range_on_nan():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((9, 1000)).astype(np.float32)
-    x[1, [3, 700]] = 50.0  # a tie: the first index wins, like argmax
+@pytest.mark.parametrize("vocab", [1000, 32000, 128, 129, 1])
+def test_first_argmax_matches_argmax_with_ties_and_stays_in_range_on_nan(vocab):
+    rng = np.random.default_rng(vocab)
+    x = rng.standard_normal((12, vocab)).astype(np.float32)
+    last = vocab - 1
+    x[1, [min(3, last), last]] = 50.0  # a tie: the first index wins, like argmax
     x[2] = -np.inf
-    x[3, 5] = np.inf
+    x[3, min(5, last)] = np.inf
+    x[5, last] = 60.0  # the maximum in the last (possibly partial) chunk
+    x[6] = 7.0  # a whole row tied
+    x[7, min(127, last)] = x[7, min(128, last)] = 70.0  # a tie across a chunk boundary
     np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
-    x[4, 10] = np.nan
-    got = int(first_argmax(jnp.asarray(x))[4])
-    assert 0 <= got < x.shape[1]
+    x[4, min(10, last)] = np.nan
+    x[8] = np.nan
+    got = np.asarray(first_argmax(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    assert ((0 <= got[[4, 8]]) & (got[[4, 8]] < vocab)).all()
