@@ -5,6 +5,11 @@ thread-safe inbox (new requests, aborts) and gets outputs back into one ``asynci
 request, with one ``loop.call_soon_threadsafe`` per step and event loop (not per request: each
 call wakes the loop through its self-pipe). Validation runs on the caller's side before anything
 is queued, so bad input raises ``ValueError`` at once.
+
+A prompt may also be a zero-argument callable that returns the token ids: the engine thread calls
+it when it takes the request in, so tokenization needs no hop to a worker thread. Under load such a
+hop waits on the GIL and the OS scheduler for milliseconds (measured: 3.4 ms median, 17 ms p90 at 64
+streams on 2 cores), far longer than tokenizing a short prompt (25 µs for 200 characters).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from scalellm_jax.engine.engine import EngineStats, LLMEngine, RequestOutput
@@ -31,10 +36,13 @@ class RequestFailedError(RuntimeError):
     """The engine failed this one request (not because of its input); other requests go on."""
 
 
+Prompt = list[int] | Callable[[], list[int]]  # token ids, or a function the engine thread calls for them
+
+
 @dataclass
 class _Add:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt: Prompt
     params: SamplingParams
     priority: int
     loop: asyncio.AbstractEventLoop
@@ -73,7 +81,7 @@ class AsyncEngine:
 
     def add_request(
         self,
-        prompt_token_ids: list[int],
+        prompt: Prompt,
         sampling_params: SamplingParams | None = None,
         *,
         request_id: str | None = None,
@@ -82,8 +90,11 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request; returns an async iterator of its outputs (the last has ``finished``).
 
-        Raises ``ValueError`` immediately for input the engine can never serve. Leaving the
-        iteration early (client disconnect) aborts the request. Later failures arrive as
+        ``prompt``: token ids, or a zero-argument callable returning them, which runs on the engine
+        thread (keep it short: the engine steps after it). Raises ``ValueError`` immediately for
+        token ids the engine can never serve; a callable's ``ValueError`` (or the check of the ids
+        it returns) arrives from the iterator instead. Leaving the iteration early (client
+        disconnect) aborts the request. Later failures arrive as
         exceptions from the iterator: ``ValueError`` (a limit only the engine thread checks),
         ``RequestFailedError`` or ``EngineDeadError``. With ``coalesce`` a consumer that fell
         behind gets only the newest of the outputs waiting for it (outputs are cumulative).
@@ -92,14 +103,16 @@ class AsyncEngine:
         if self._error is not None:
             raise EngineDeadError(f"engine stopped: {self._error!r}")
         params = sampling_params or SamplingParams()
-        self.engine.check_request(prompt_token_ids, params)  # pure checks against immutable config
+        if not callable(prompt):
+            self.engine.check_request(prompt, params)  # pure checks against immutable config
+            prompt = list(prompt)
         if request_id is None:
             with self._lock:
                 self._ids += 1
                 request_id = f"async-{self._ids}"
         outputs: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(_Add(request_id, list(prompt_token_ids), params, priority, asyncio.get_running_loop(),
-                             outputs, time.monotonic()))
+        self._inbox.put(_Add(request_id, prompt, params, priority, asyncio.get_running_loop(), outputs,
+                             time.monotonic()))
         return self._stream(request_id, outputs, coalesce)
 
     async def _stream(self, request_id: str, outputs: asyncio.Queue, coalesce: bool) -> AsyncIterator[RequestOutput]:
@@ -151,6 +164,7 @@ class AsyncEngine:
             self._streams.clear()
 
     def _drain_inbox(self, block: bool) -> None:
+        """Take in what the inbox holds; ``block``: the engine is idle, so wait for the first item."""
         while True:
             try:
                 item = self._inbox.get(block=block)
@@ -159,25 +173,27 @@ class AsyncEngine:
             block = False
             if item is None:
                 return
-            if isinstance(item, _Abort):
-                out = self.engine.abort(item.request_id)
-                self._queued.pop(item.request_id, None)
-                if out is not None:
-                    self._deliver([out])
-                continue
-            try:
-                self.engine.add_request(
-                    item.prompt_token_ids, item.params, request_id=item.request_id, priority=item.priority
-                )
-            except ValueError as exc:  # e.g. a duplicate id or a KV limit: fail this request only
-                _send(item, exc)
-                continue
-            except Exception as exc:
-                logger.exception("adding request %s failed", item.request_id)
-                _send(item, RequestFailedError(f"the engine failed this request: {exc!r}"))
-                continue
-            self._streams[item.request_id] = item
-            self._queued[item.request_id] = item
+            self._take(item)
+
+    def _take(self, item: _Add | _Abort) -> None:
+        if isinstance(item, _Abort):
+            out = self.engine.abort(item.request_id)
+            self._queued.pop(item.request_id, None)
+            if out is not None:
+                self._deliver([out])
+            return
+        try:
+            prompt = item.prompt() if callable(item.prompt) else item.prompt
+            self.engine.add_request(prompt, item.params, request_id=item.request_id, priority=item.priority)
+        except ValueError as exc:  # e.g. a duplicate id, a KV limit, a prompt too long: fail this request only
+            _send(item, exc)
+            return
+        except Exception as exc:
+            logger.exception("adding request %s failed", item.request_id)
+            _send(item, RequestFailedError(f"the engine failed this request: {exc!r}"))
+            return
+        self._streams[item.request_id] = item
+        self._queued[item.request_id] = item
 
     def _mark_scheduled(self, step_start: float) -> None:
         """Record the queue time of requests the step just scheduled for the first time."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from scalellm_jax.engine.async_engine import Prompt
 from scalellm_jax.engine.engine import RequestOutput
 from scalellm_jax.engine.request import SamplingParams
 from scalellm_jax.server.metrics import RequestTracker
@@ -11,13 +12,13 @@ from scalellm_jax.server.metrics import RequestTracker
 
 @dataclasses.dataclass
 class Job:
-    """A generation request after validation and tokenization."""
+    """A generation request after validation (its prompts tokenized, or to be tokenized by the engine thread)."""
 
     chat: bool
     request_id: str
     model: str
     created: int
-    prompts: list[list[int]]
+    prompts: list[Prompt]  # token ids, or a callable the engine thread runs for them
     choices: list[tuple[int, SamplingParams]]  # (prompt index, params), in choice-index order
     priority: int
     stream: bool
@@ -29,11 +30,10 @@ class Job:
 class Choice:
     """Progress of one choice: what was already sent, and its latency bookkeeping."""
 
-    __slots__ = ("index", "num_prompt_tokens", "text_sent", "tokens_sent", "tracker", "output")
+    __slots__ = ("index", "text_sent", "tokens_sent", "tracker", "output")
 
-    def __init__(self, index: int, num_prompt_tokens: int, tracker: RequestTracker):
+    def __init__(self, index: int, tracker: RequestTracker):
         self.index = index
-        self.num_prompt_tokens = num_prompt_tokens
         self.text_sent = 0
         self.tokens_sent = 0
         self.tracker = tracker

@@ -27,7 +27,8 @@ FINISH_REASONS = ("stop", "length")  # the others ("abort", "error") never reach
 
 def usage(job: Job, choices: list[Choice]) -> protocol.Usage:
     """Prompt tokens count once per prompt (not per choice), as OpenAI counts them."""
-    prompt = sum(len(p) for p in job.prompts)
+    per_prompt = {p: len(c.output.prompt_token_ids) for (p, _), c in zip(job.choices, choices, strict=True)}
+    prompt = sum(per_prompt.values())
     completion = sum(len(c.output.token_ids) for c in choices)
     return protocol.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -76,3 +77,37 @@ def test_bad_input_raises_before_queueing(async_engine):
             async_engine.add_request([1, 99], SamplingParams())
 
     asyncio.run(main())
+
+
+def test_a_callable_prompt_is_tokenized_on_the_engine_thread(async_engine):
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    calls = []
+
+    def tokenize():
+        calls.append(threading.current_thread().name)
+        return [3, 9, 27, 14]
+
+    def too_long():
+        return [5] * 70  # the model's context is 64
+
+    def rejected():
+        raise ValueError("messages: the template rejects this conversation")
+
+    async def outputs(prompt):
+        return [o async for o in async_engine.add_request(prompt, params)]
+
+    async def failure(prompt):
+        with pytest.raises(ValueError) as info:
+            await outputs(prompt)
+        return str(info.value)
+
+    async def main():
+        return await asyncio.gather(outputs(tokenize), outputs([3, 9, 27, 14]), failure(too_long), failure(rejected))
+
+    deferred, direct, long_error, template_error = asyncio.run(main())
+    assert calls == ["scalellm-engine"]
+    assert deferred[-1].finished and deferred[-1].token_ids == direct[-1].token_ids
+    assert deferred[-1].prompt_token_ids == [3, 9, 27, 14]
+    assert "prompt" in long_error and "64" in long_error
+    assert template_error.startswith("messages")
+    assert asyncio.run(outputs([4, 4]))[-1].finished  # the failures left the engine serving

@@ -40,6 +40,7 @@ def _error(response, status: int, param: str | None):
     ("/v1/completions", {**COMPLETION, "best_of": 2}, "best_of"),
     ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": "word " * 80}, "prompt"),  # longer than the 64-token context
+    ("/v1/completions", {**COMPLETION, "prompt": "word " * 500}, "prompt"),  # 2,500 characters: tokenized in the pool
     ("/v1/completions", {**COMPLETION, "prompt": [1, 40000]}, "prompt"),  # outside the vocabulary
     ("/v1/completions", {"prompt": "Hi"}, "model"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
@@ -47,6 +48,7 @@ def _error(response, status: int, param: str | None):
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant", "content": "x"}]}, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "word " * 80}]}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "word " * 500}]}, "messages"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2, "logprobs": True}, "top_logprobs"),
 ])
 def test_bad_fields_are_400_naming_the_field(server, path, body, param):

@@ -6,6 +6,8 @@ import openai
 import pytest
 from server_helpers import MODEL
 
+from scalellm_jax.server import generation
+
 
 @pytest.fixture(scope="module")
 def client(server):
@@ -31,6 +33,29 @@ def test_completion_and_its_stream_agree(client):
     assert "".join(c.choices[0].text for c in chunks) == choice.text  # same seed, same tokens
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("engine_thread_limit", [0, generation.ENGINE_THREAD_TOKENIZE_MAX_CHARS])
+def test_prompts_tokenized_in_the_pool_or_on_the_engine_thread_give_the_same_response(
+        client, served, monkeypatch, engine_thread_limit):
+    monkeypatch.setattr(generation, "ENGINE_THREAD_TOKENIZE_MAX_CHARS", engine_thread_limit)  # 0: all in the pool
+    prompts = ["Hello there", "Grüße 👋", "Hi"]
+    response = client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=2, temperature=0.0,
+                                         extra_body={"ignore_eos": True})
+    # prompt tokens count once per prompt, not per choice
+    assert response.usage.prompt_tokens == sum(len(served.tokenizer.encode(p)) for p in prompts)
+    assert response.usage.completion_tokens == 3 * 2 * 3
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                          temperature=0.0, extra_body={"ignore_eos": True})
+    expected = served.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert chat.usage.prompt_tokens == len(expected)
+    texts = [c.text for c in sorted(response.choices, key=lambda c: c.index)]
+    assert texts[0] == texts[1]  # greedy: both choices of a prompt agree
+    if engine_thread_limit == 0:
+        monkeypatch.undo()  # the engine-thread path must produce the very same text
+        again = client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=2, temperature=0.0,
+                                          extra_body={"ignore_eos": True})
+        assert [c.text for c in sorted(again.choices, key=lambda c: c.index)] == texts
 
 
 def test_chat_completion_and_its_stream_agree(client):
