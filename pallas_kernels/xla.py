@@ -1,8 +1,8 @@
 """Blockwise jnp attention over paged KV: the ``xla`` backend for CPU (and any non-GPU) serving.
 
 Same signatures and results as the references, but with cost proportional to the tokens actually
-in the cache: a ``while_loop`` walks KV blocks of ``pages_per_block`` pages up to the longest
-sequence of the step (a traced bound, so no recompilation), keeping a flash-style online softmax.
+in the cache: a ``while_loop`` (traced trip count, so no recompilation) walks the (row, key block)
+pairs each row can see, blocks of ``pages_per_block`` pages, keeping a flash-style online softmax.
 The references gather every page-table entry (``max_pages_per_seq`` of them) per sequence, which
 makes a serving step cost O(max_model_len) regardless of the real lengths.
 
@@ -34,15 +34,21 @@ def _gather_block(pages, scales, block_table):
     return block.reshape(kvh, n, ppb * page_size, d)
 
 
-def _attend_blocks(q, k_pages, v_pages, k_scales, v_scales, tables, q_pos, kv_len, lo_tok, hi_tok,
-                   *, scale, sliding_window, pages_per_block):
+def _attend_blocks(q, k_pages, v_pages, k_scales, v_scales, tables, q_pos, kv_len, *, scale, sliding_window,
+                   pages_per_block):
     """Online-softmax attention of rows ``q`` [n, kvh, m, d] over their own paged KV.
 
     A row is a sequence's slice of queries: ``m`` query vectors per KV head, all reading the
     same page table (decode: the row's query heads; prefill: a tile of tokens × heads).
-    tables [n, max_pages] (each row's page table), q_pos [n, m] (each query's absolute position;
-    keys after it are masked), kv_len [n] (keys at positions >= kv_len are masked; 0 for padding
-    rows). Only blocks overlapping [lo_tok, hi_tok) are visited.
+    tables [n, max_pages] (each row's page table), q_pos [n, m] (each query's absolute position,
+    -1 for none; keys after it are masked), kv_len [n] (keys at positions >= kv_len are masked;
+    0 for padding rows).
+
+    The work is a flat list of (row, key block) items holding only the blocks each row can see
+    (from its window start to its last query), walked ``n`` items per iteration; each item's
+    partial softmax is merged into its row's running one. A batch of mostly short rows next to
+    one long one thus costs what its rows need, where looping every row over the longest row's
+    blocks cost up to 4× that at decode.
     """
     n, kvh, m, d = q.shape
     page_size = k_pages.shape[2]
@@ -52,54 +58,64 @@ def _attend_blocks(q, k_pages, v_pages, k_scales, v_scales, tables, q_pos, kv_le
     tables = jnp.pad(jnp.clip(tables, 0, k_pages.shape[1] - 1), ((0, 0), (0, padded - max_pages)))
     q = q.astype(jnp.float32) * scale
 
-    def body(j, carry):
+    # Each row's visible blocks [lo, hi), and where its items start in the flat list.
+    hi = C.cdiv(jnp.clip(jnp.minimum(kv_len, jnp.max(q_pos, axis=1) + 1), 0, None), block_tokens)
+    lo = jnp.zeros_like(hi)
+    if sliding_window is not None:
+        first = jnp.min(jnp.where(q_pos >= 0, q_pos - sliding_window + 1, jnp.iinfo(jnp.int32).max), axis=1)
+        lo = jnp.minimum(jnp.clip(first, 0, None) // block_tokens, hi)
+    ends = jnp.cumsum(hi - lo)
+    starts = ends - (hi - lo)
+    total = ends[-1]
+
+    def body(i, carry):
         m_run, denom, acc = carry
-        block_table = jax.lax.dynamic_slice_in_dim(tables, j * pages_per_block, pages_per_block, axis=1)
+        item = i * n + jnp.arange(n)
+        live = item < total
+        row = jnp.minimum(jnp.searchsorted(ends, item, side="right"), n - 1)
+        block = lo[row] + item - starts[row]
+        block_table = tables[row[:, None], block[:, None] * pages_per_block + jnp.arange(pages_per_block)]
         k = _gather_block(k_pages, k_scales, block_table)  # [kvh, n, bt, d]
         v = _gather_block(v_pages, v_scales, block_table)
-        pos = j * block_tokens + jnp.arange(block_tokens)
-        in_seq = pos[None, :] < kv_len[:, None]  # [n, bt]
-        valid = in_seq[:, None, :] & (pos[None, None, :] <= q_pos[:, :, None])  # [n, m, bt]
+        pos = block[:, None] * block_tokens + jnp.arange(block_tokens)  # [n, bt]
+        in_seq = live[:, None] & (pos < kv_len[row][:, None])
+        row_pos = q_pos[row]
+        valid = in_seq[:, None, :] & (pos[:, None, :] <= row_pos[:, :, None])  # [n, m, bt]
         if sliding_window is not None:
-            valid &= pos[None, None, :] > (q_pos - sliding_window)[:, :, None]
-        s = jnp.einsum("nkmd,knbd->nkmb", q, k, precision=jax.lax.Precision.HIGHEST)
+            valid &= pos[:, None, :] > (row_pos - sliding_window)[:, :, None]
+        s = jnp.einsum("nkmd,knbd->nkmb", q[row], k, precision=jax.lax.Precision.HIGHEST)
         s = jnp.where(valid[:, None], s, _NEG)
-        m_new = jnp.maximum(m_run, jnp.max(s, axis=-1))
-        p = jnp.where(valid[:, None], jnp.exp(s - m_new[..., None]), 0.0)
-        correction = jnp.exp(m_run - m_new)
+        m_item = jnp.max(s, axis=-1)
+        p = jnp.where(valid[:, None], jnp.exp(s - m_item[..., None]), 0.0)
         v = jnp.where(in_seq[None, :, :, None], v, 0.0)
         pv = jnp.einsum("nkmb,knbd->nkmd", p, v, precision=jax.lax.Precision.HIGHEST)
-        return m_new, denom * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
+        # Merge the items into their rows (several items of one row may share an iteration).
+        target = jnp.where(live, row, n)  # dead items land out of range and are dropped
+        m_new = m_run.at[target].max(m_item, mode="drop")
+        correction = jnp.exp(m_run - m_new)
+        weight = jnp.exp(m_item - m_new[row])
+        denom = (denom * correction).at[target].add(jnp.sum(p, axis=-1) * weight, mode="drop")
+        acc = (acc * correction[..., None]).at[target].add(pv * weight[..., None], mode="drop")
+        return m_new, denom, acc
 
     init = (jnp.full((n, kvh, m), _NEG, jnp.float32), jnp.zeros((n, kvh, m), jnp.float32),
             jnp.zeros((n, kvh, m, d), jnp.float32))
-    first = jnp.maximum(lo_tok, 0) // block_tokens
-    last = C.cdiv(jnp.maximum(hi_tok, 0), block_tokens)
-    _, denom, acc = jax.lax.fori_loop(first, last, body, init)
+    _, denom, acc = jax.lax.fori_loop(0, C.cdiv(total, n), body, init)
     return acc / jnp.where(denom > 0, denom, 1.0)[..., None]
-
-
-def _window_start(q_pos, active, sliding_window):
-    """First key position any active row can see (0 without a sliding window)."""
-    if sliding_window is None:
-        return jnp.int32(0)
-    return jnp.min(jnp.where(active, q_pos - sliding_window + 1, jnp.iinfo(jnp.int32).max))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "interpret", "pages_per_block"))
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: float, k_scales=None,
                            v_scales=None, sliding_window: int | None = None, interpret: bool = False,
-                           pages_per_block: int = 4):
+                           pages_per_block: int = 2):
     """``pallas_kernels.paged_decode_attention`` in blockwise jnp (``interpret`` is ignored)."""
     del interpret
     C.check_pages(k_pages, v_pages, k_scales, v_scales)
     num_seqs, num_heads, head_dim = q.shape
     kvh = k_pages.shape[0]
-    q_pos = lengths - 1
-    lo = _window_start(q_pos, lengths > 0, sliding_window)
     out = _attend_blocks(
         q.reshape(num_seqs, kvh, num_heads // kvh, head_dim), k_pages, v_pages, k_scales, v_scales,
-        page_table, q_pos[:, None], lengths, lo, jnp.max(lengths), scale=scale, sliding_window=sliding_window,
+        page_table, (lengths - 1)[:, None], lengths, scale=scale, sliding_window=sliding_window,
         pages_per_block=pages_per_block,
     )
     return out.reshape(num_seqs, num_heads, head_dim).astype(q.dtype)
@@ -151,10 +167,9 @@ def ragged_prefill_attention(q, k_pages, v_pages, page_table, kv_lengths, cu_q_l
     kv_len = jnp.where(live[:, 0], kv_lengths[tile_seq], 0)
     q_tiles = jnp.where(live[..., None, None], q[tokens], 0)  # [t, tile, heads, d]
     q_tiles = q_tiles.reshape(num_tiles, tile, kvh, group, head_dim).transpose(0, 2, 1, 3, 4)
-    lo = _window_start(q_pos, live, sliding_window)
     out = _attend_blocks(
         q_tiles.reshape(num_tiles, kvh, tile * group, head_dim), k_pages, v_pages, k_scales, v_scales,
-        page_table[tile_seq], jnp.repeat(q_pos, group, axis=1), kv_len, lo, jnp.max(kv_len),
+        page_table[tile_seq], jnp.repeat(q_pos, group, axis=1), kv_len,
         scale=scale, sliding_window=sliding_window, pages_per_block=pages_per_block,
     )
     out = out.reshape(num_tiles, kvh, tile, group, head_dim).transpose(0, 2, 1, 3, 4)
