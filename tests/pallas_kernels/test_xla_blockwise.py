@@ -40,7 +40,7 @@ def test_decode(rng, dtype, group, window, pages_per_block):
             oracle[b] = np_attention(q64[b : b + 1], kv.k_seq[b], kv.v_seq[b], [n - 1], 0.125, window)[0]
     assert out.shape == q.shape and out.dtype == q.dtype
     assert rel_err(out, ref) <= TOL[q_dtype] and rel_err(out, oracle) <= TOL[q_dtype]
-    assert np.all(np.asarray(out[[2, -1]], np.float32) == 0)  # length-0 padding rows
+    assert np.all(np.asarray(out, np.float32)[[2, -1]] == 0)  # length-0 padding rows
 
 
 @pytest.mark.parametrize("dtype, group", CASES)
