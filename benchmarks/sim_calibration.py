@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from scalellm_jax.engine.runner import bucket_for
+from scalellm_jax.engine.buckets import bucket_for
 from scalellm_jax.engine.scheduler import SchedulerOutput
 
 BASE_CONTEXT = 16  # KV length per decode row for the base timings

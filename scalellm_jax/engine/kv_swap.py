@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.kv_cache import dequantize_int8, quantize_int8
+from scalellm_jax.engine.buckets import bucket_for
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +82,6 @@ class KVSwapper:
         self.num_swap_outs = 0
         self.num_swap_ins = 0
 
-    def _bucket(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
-
     def swap_out(self, pools, request_id: str, pages: tuple[int, ...]) -> None:
         """Start copying ``pages`` (in sequence order) of every layer to host memory.
 
@@ -91,7 +89,7 @@ class KVSwapper:
         writes after this read. ``finish_transfers`` later turns the copies into numpy arrays.
         """
         n = len(pages)
-        ids = np.zeros(self._bucket(n), np.int32)  # pad with the null page: read, then sliced off
+        ids = np.zeros(bucket_for(n, self.buckets), np.int32)  # pad with the null page: read, then sliced off
         ids[:n] = pages
         data = self._gather(pools, ids)
         for leaf in jax.tree.leaves(data):
@@ -113,7 +111,7 @@ class KVSwapper:
         n, data = self._host.pop(request_id)
         if len(pages) != n:
             raise ValueError(f"{request_id!r} swapped {n} pages out but {len(pages)} come back")
-        bucket = self._bucket(n)
+        bucket = bucket_for(n, self.buckets)
         ids = np.full(bucket, self.num_pages, np.int32)  # past the pool: dropped by the scatter
         ids[:n] = pages
         data = jax.tree.map(lambda a: _pad_pages(a, n, bucket), data)

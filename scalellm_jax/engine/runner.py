@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
+from scalellm_jax.engine.buckets import bucket_for, pow2_buckets, step_buckets
 from scalellm_jax.engine.kv_swap import KVSwapper, page_bytes
 from scalellm_jax.engine.sampling import row_keys, sample, token_logprobs
 from scalellm_jax.engine.scheduler import ScheduledRequest, SwapOp
@@ -36,28 +37,6 @@ from scalellm_jax.loader import Model
 from scalellm_jax.model.paged import PagedAttention, PagedMeta, kv_pool_spec
 
 logger = logging.getLogger(__name__)
-
-
-def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
-    """Powers of two from ``lo`` up to (and always including) ``hi``."""
-    sizes, size = [], lo
-    while size < hi:
-        sizes.append(size)
-        size *= 2
-    return (*sizes, hi)
-
-
-def step_buckets(lo: int, hi: int, fine_from: int) -> tuple[int, ...]:
-    """``pow2_buckets(lo, hi)`` plus the 1.5× powers of two (24, 48, 96, ...) from ``fine_from`` up."""
-    fine = {3 * p // 2 for p in pow2_buckets(lo, hi) if p >= fine_from and p & (p - 1) == 0}
-    return tuple(sorted(set(pow2_buckets(lo, hi)) | {n for n in fine if lo <= n < hi}))
-
-
-def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
-    for size in buckets:
-        if n <= size:
-            return size
-    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
 @dataclasses.dataclass

@@ -14,6 +14,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from scalellm_jax.engine.buckets import bucket_for
+
 
 @dataclass(frozen=True)
 class StepCostPrior:
@@ -45,10 +47,10 @@ class StepCostModel:
         self._lock = threading.Lock()
 
     def bucket(self, rows: int) -> int:
-        """The decode bucket ``rows`` rows are padded up to."""
+        """The decode bucket ``rows`` rows are padded up to (the largest for more rows than that)."""
         if self._buckets is None:
             return 1 << max(0, rows - 1).bit_length()
-        return next((b for b in self._buckets if rows <= b), self._buckets[-1])
+        return bucket_for(min(rows, self._buckets[-1]), self._buckets)
 
     def decode_step_s_at(self, rows: int) -> float | None:
         """Measured seconds of a decode step of ``rows`` rows (its bucket's average), or None."""
