@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# Test files run in parallel worker processes (pytest-xdist), a file per worker so module fixtures
+# (servers, compiled engines) are built once: ~9 minutes instead of ~12 on a 2-core machine.
+TEST_WORKERS ?= 2
 
 .PHONY: serve test test-fast lint install install-dev clean
 
@@ -27,10 +30,10 @@ serve: $(VENV)/.installed
 	$(PY) -m scalellm_jax.server $(ARGS)
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(VENV)/.installed-dev
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check .

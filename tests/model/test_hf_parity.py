@@ -37,19 +37,41 @@ def test_float32_logits_match_transformers(make_hf_mixtral, name):
     assert np.abs(got - expected).max() / scale < 1e-4
 
 
+def router_margin(hf, tokens: np.ndarray) -> float:
+    """Smallest gap, over tokens and layers, between the last chosen and the first unchosen router logit."""
+    with torch.no_grad():
+        router_logits = hf(torch.tensor(tokens), output_router_logits=True).router_logits
+    k = hf.config.num_experts_per_tok
+    return min(
+        float((ranked[:, k - 1] - ranked[:, k]).min())
+        for ranked in (torch.sort(r.float(), dim=-1, descending=True).values for r in router_logits)
+    )
+
+
 def test_bfloat16_logits_close_to_transformers(make_hf_mixtral):
-    folder, hf = make_hf_mixtral(dtype="bfloat16")
-    ours = scalellm_jax.load(folder, dtype="bfloat16")
-    tokens = np.random.default_rng().integers(0, hf.config.vocab_size, size=(2, 11))
-    expected = hf_logits(hf, tokens)
-    got = np.asarray(ours.logits(tokens)).astype(np.float32)
+    """bfloat16 weights: our bfloat16 forward against transformers' float32 forward of the same weights.
+
+    bfloat16 rounding can flip a router choice whose top-k logits are nearly tied (then that token's
+    logits legitimately differ, and so do later tokens that attend to it). The draw of weights and
+    tokens is therefore redrawn until the float32 reference has no near tie, a property of the
+    reference alone; then every token must be close.
+    """
+    from transformers import MixtralForCausalLM
+
+    rng = np.random.default_rng()
+    for _ in range(20):
+        folder, _ = make_hf_mixtral(dtype="bfloat16")
+        reference = MixtralForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
+        tokens = rng.integers(0, reference.config.vocab_size, size=(2, 11))
+        if router_margin(reference.eval(), tokens) > 1e-2:
+            break
+    else:
+        pytest.fail("no draw without a near-tied router choice in 20 tries")
+    expected = hf_logits(reference, tokens)
+    got = np.asarray(scalellm_jax.load(folder, dtype="bfloat16").logits(tokens)).astype(np.float32)
     assert np.isfinite(got).all()
-    # bfloat16 rounding differs between the two stacks and can flip a near-tied router choice for
-    # a token (then that token's logits legitimately differ), so judge per token: the typical
-    # token must be close and near-ties must stay rare.
     per_token = np.linalg.norm(got - expected, axis=-1) / np.linalg.norm(expected, axis=-1)
-    assert np.median(per_token) < 2e-2
-    assert np.mean(per_token < 5e-2) >= 0.8
+    assert per_token.max() < 3e-2
 
 
 @pytest.mark.parametrize("name", ["gqa2-top2", "sliding-window-tied-8heads-top3"])
