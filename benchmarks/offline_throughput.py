@@ -37,6 +37,7 @@ import time
 
 from benchmarks.engine_profile import StepProfile, component_ms, decode_step_ms
 from benchmarks.provenance import git_state
+from benchmarks.random_checkpoint import bench_config, write_hf_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA_FILE = "alpaca_eval_mixtral_8x7b_instruct.jsonl"
@@ -59,15 +60,9 @@ DEFAULTS = {
 
 
 def model_config(smoke: bool):
-    from scalellm_jax.config import ModelConfig
+    from scalellm_jax import preset
 
-    if smoke:
-        return ModelConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                           num_kv_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=4096)
-    return ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1792, num_layers=4, num_heads=8,
-                       num_kv_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
-                       max_position_embeddings=4096)
+    return preset("tiny") if smoke else bench_config("medium")
 
 
 # ---------------------------------------------------------------------------------------------- workload
@@ -113,12 +108,8 @@ def load_workload(path: pathlib.Path, tokenizer, num_prompts: int, max_prompt_le
 
 def build_hf(model, attn: str | None, experts: str | None):
     """``MixtralForCausalLM`` with our weights: export to a legacy safetensors folder, ``from_pretrained``."""
-    import numpy as np
     import torch
-    from safetensors.numpy import save_file
     from transformers import MixtralForCausalLM
-
-    from checkpoints_tools.hf_layout import iter_hf_tensors
 
     options = {"dtype": torch.float32, "local_files_only": True}
     if attn:
@@ -126,13 +117,7 @@ def build_hf(model, attn: str | None, experts: str | None):
     if experts:
         options["experts_implementation"] = experts
     with tempfile.TemporaryDirectory(prefix="offline-throughput-hf-") as folder:
-        tensors = {name: np.asarray(arr, np.float32) for name, arr in iter_hf_tensors(model.params, model.config)}
-        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        del tensors
-        config = model.config.to_hf_dict()
-        config["dtype"] = config["torch_dtype"] = "float32"
-        pathlib.Path(folder, "config.json").write_text(json.dumps(config))
-        hf = MixtralForCausalLM.from_pretrained(folder, **options).eval()
+        hf = MixtralForCausalLM.from_pretrained(write_hf_checkpoint(model, folder), **options).eval()
     hf.generation_config.eos_token_id = None  # ignore EOS, like ours
     hf.generation_config.pad_token_id = 0
     return hf

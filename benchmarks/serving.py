@@ -39,6 +39,7 @@ import tempfile
 import time
 
 from benchmarks.provenance import git_state
+from benchmarks.random_checkpoint import BENCH_MODELS, write_bench_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA_FILE = "alpaca_eval_mixtral_8x7b_instruct.jsonl"
@@ -421,7 +422,9 @@ def parse_args(argv):
     parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
     parser.add_argument("--repeats", type=int, default=1, help="runs per load level (alternating targets)")
     parser.add_argument("--seed", type=int, default=0, help="arrival-time seed for --request-rate")
-    parser.add_argument("--model", default="tiny", help="--overhead: preset or checkpoint folder")
+    parser.add_argument("--model", default="tiny", help="--overhead: a preset, a checkpoint folder, or bench:NAME "
+                        f"(one of {', '.join(BENCH_MODELS)}: random weights written to a temporary checkpoint "
+                        "folder that both targets load; see benchmarks/random_checkpoint.py)")
     parser.add_argument("--dtype", default="float32", help="--overhead: model dtype")
     parser.add_argument("--engine", default=json.dumps(OVERHEAD_ENGINE),
                         help="--overhead: EngineConfig fields as JSON")
@@ -437,6 +440,8 @@ def parse_args(argv):
     for name in ("num_prompts", "repeats", "max_prompt_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.model.startswith("bench:") and args.model[len("bench:"):] not in BENCH_MODELS:
+        parser.error(f"--model: unknown {args.model!r}; bench models: {', '.join(BENCH_MODELS)}")
     try:
         args.engine_options = json.loads(args.engine)
     except ValueError as exc:
@@ -456,18 +461,22 @@ async def _run(args, work: list[Work], result: dict, log_path: pathlib.Path) -> 
     if args.compilation_cache_dir:  # shared with the server subprocess: it compiles nothing new
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    served = build_served_model("bench", args.model, dtype=args.dtype, **args.engine_options)
-    process, url, command = start_server(
-        args.model, args.dtype, args.engine_options, log_path, extra_args=shlex.split(args.server_args),
-        cache_dir=args.compilation_cache_dir)
-    result["server"] = {"command": command, "log": str(log_path), "model": args.model, "dtype": args.dtype,
-                        "engine_options": args.engine_options, "device": jax.devices()[0].device_kind}
-    try:
-        async with HTTPTarget(url, pid=process.pid) as http:
-            return await measure([EngineTarget(served), http], work, args)
-    finally:
-        stop_server(process)
-        served.engine.shutdown()
+    with tempfile.TemporaryDirectory(prefix="serving-bench-model-") as folder:
+        model = args.model
+        if model.startswith("bench:"):
+            model = str(write_bench_model(model[len("bench:"):], folder))
+        served = build_served_model("bench", model, dtype=args.dtype, **args.engine_options)
+        process, url, command = start_server(
+            model, args.dtype, args.engine_options, log_path, extra_args=shlex.split(args.server_args),
+            cache_dir=args.compilation_cache_dir)
+        result["server"] = {"command": command, "log": str(log_path), "model": args.model, "dtype": args.dtype,
+                            "engine_options": args.engine_options, "device": jax.devices()[0].device_kind}
+        try:
+            async with HTTPTarget(url, pid=process.pid) as http:
+                return await measure([EngineTarget(served), http], work, args)
+        finally:
+            stop_server(process)
+            served.engine.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
