@@ -15,7 +15,10 @@ Sections, each recorded (or its error, so one failure never loses the others) in
    measured copy bandwidth. Also the warmup (compile) time and a check that a mixed workload after
    warmup compiles nothing.
 4. ``serving``: ``python -m scalellm_jax.server`` with the same model, loaded by the serving load
-   client (``benchmarks.serving``) at 64 concurrent streams with AlpacaEval-derived lengths.
+   client (``benchmarks.serving``) at 64 concurrent streams with AlpacaEval-derived lengths; then,
+   the server stopped, the same workload through an in-process ``AsyncEngine``
+   (``benchmarks.serving --in-process``): HTTP/in-process tokens/s and added TTFT p50 are the
+   server's overhead (targets: >= 0.95x, <= +5 ms).
 5. ``hf``: the same workload through Hugging Face ``generate`` (torch, bf16 on GPU, batch 64 with
    padding), the baseline a researcher would otherwise use.
 
@@ -180,24 +183,33 @@ def decode(cfg: SuiteConfig, copy_bw: float) -> dict:
 
 
 def serving(cfg: SuiteConfig, out_dir: pathlib.Path, timeout: float) -> dict:
-    from benchmarks.serving import start_server, stop_server
+    """The server under the load client, then (the server stopped: one copy of the model fits) the same
+    workload through an in-process ``AsyncEngine``; their ratio is the HTTP path's overhead."""
+    from benchmarks.serving import overhead_report, start_server, stop_server
 
     options = dict(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                    max_model_len=cfg.max_model_len)
+    workload = ["--concurrency", str(cfg.concurrency), "--num-prompts", str(cfg.num_prompts),
+                "--max-tokens", str(cfg.max_tokens), "--dataset", str(DATA), "--no-plot"]
     start = time.perf_counter()
     process, url, command = start_server(cfg.model, cfg.dtype, options, out_dir / "gpu_suite-server.log",
                                          timeout=timeout)
     try:
         ready_s = time.perf_counter() - start
         client_out = out_dir / "gpu_suite-serving.json"
-        client = [sys.executable, "-m", "benchmarks.serving", "--url", url, "--concurrency", str(cfg.concurrency),
-                  "--num-prompts", str(cfg.num_prompts), "--max-tokens", str(cfg.max_tokens),
-                  "--dataset", str(DATA), "--out", str(client_out), "--no-plot"]
-        subprocess.run(client, check=True, cwd=ROOT, timeout=timeout)
+        subprocess.run([sys.executable, "-m", "benchmarks.serving", "--url", url, "--out", str(client_out), *workload],
+                       check=True, cwd=ROOT, timeout=timeout)
         measured = json.loads(client_out.read_text())
     finally:
         stop_server(process)
-    return {"server_command": command, "server_ready_s": ready_s, "client": measured}
+    in_process_out = out_dir / "gpu_suite-serving-in-process.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.serving", "--in-process", "--model", cfg.model, "--dtype",
+                    cfg.dtype, "--engine", json.dumps(options), "--out", str(in_process_out), *workload],
+                   check=True, cwd=ROOT, timeout=timeout)
+    in_process = json.loads(in_process_out.read_text())
+    overhead = overhead_report(measured["runs"] + in_process["runs"])[str(cfg.concurrency)]
+    return {"server_command": command, "server_ready_s": ready_s, "client": measured, "in_process": in_process,
+            "overhead": overhead}
 
 
 def hf_baseline(cfg: SuiteConfig) -> dict:
@@ -249,6 +261,11 @@ def summary(results: dict) -> dict:
         out["serving_ttft_p50_ms"] = ours["ttft_ms"]["p50"]
         out["serving_tpot_p50_ms"] = ours["tpot_ms"]["p50"]
         out["serving_e2e_p50_ms"] = ours["e2e_ms"]["p50"]
+        overhead = results["serving"].get("overhead")
+        if overhead:
+            out["http_vs_in_process_tokens_per_s"] = overhead["throughput_ratio"]
+            out["http_added_ttft_p50_ms"] = overhead["ttft_p50_added_ms"]
+            out["http_overhead_target_met"] = overhead["meets_target"]
         if hf:
             out["hf_output_tokens_per_s"] = hf
             out["serving_vs_hf"] = tps / hf

@@ -445,6 +445,10 @@ def parse_args(argv):
     target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     target.add_argument("--overhead", action="store_true",
                         help="start the server for --model and compare it with the in-process AsyncEngine")
+    target.add_argument("--in-process", action="store_true",
+                        help="only the in-process AsyncEngine for --model (no HTTP): --overhead's baseline on its "
+                        "own, for a host where two copies of the model do not fit; pair it with a --url run of the "
+                        "same workload through overhead_report (benchmarks.gpu_suite does)")
     load = parser.add_mutually_exclusive_group(required=True)
     load.add_argument("--concurrency", type=_levels, help="closed-loop client counts, e.g. 1,8,64,256")
     load.add_argument("--request-rate", type=float, help="Poisson arrivals per second (open loop)")
@@ -456,12 +460,12 @@ def parse_args(argv):
     parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
     parser.add_argument("--repeats", type=int, default=1, help="runs per load level (alternating targets)")
     parser.add_argument("--seed", type=int, default=0, help="arrival-time seed for --request-rate")
-    parser.add_argument("--model", default="tiny", help="--overhead: a preset, a checkpoint folder, or bench:NAME "
-                        f"(one of {', '.join(BENCH_MODELS)}: random weights written to a temporary checkpoint "
-                        "folder that both targets load; see benchmarks/random_checkpoint.py)")
-    parser.add_argument("--dtype", default="float32", help="--overhead: model dtype")
+    parser.add_argument("--model", default="tiny", help="--overhead/--in-process: a preset, a checkpoint folder, "
+                        f"or bench:NAME (one of {', '.join(BENCH_MODELS)}: random weights written to a temporary "
+                        "checkpoint folder the targets load; see benchmarks/random_checkpoint.py)")
+    parser.add_argument("--dtype", default="float32", help="--overhead/--in-process: model dtype")
     parser.add_argument("--engine", default=json.dumps(OVERHEAD_ENGINE),
-                        help="--overhead: EngineConfig fields as JSON")
+                        help="--overhead/--in-process: EngineConfig fields as JSON")
     parser.add_argument("--server-args", default="", help="--overhead: extra server flags, e.g. "
                         "'--stream-interval-ms 100'")
     parser.add_argument("--compilation-cache-dir", default=str(pathlib.Path.home() / ".cache" / "scalellm_jax" / "xla"))
@@ -484,7 +488,7 @@ def parse_args(argv):
 
 
 async def _run(args, work: list[Work], result: dict, log_path: pathlib.Path) -> list[dict]:
-    if not args.overhead:
+    if args.url:
         async with HTTPTarget(args.url) as http:
             result["server"] = {"url": args.url, "model": http.model}
             return await measure([http], work, args)
@@ -500,11 +504,17 @@ async def _run(args, work: list[Work], result: dict, log_path: pathlib.Path) -> 
         if model.startswith("bench:"):
             model = str(write_bench_model(model[len("bench:"):], folder))
         served = build_served_model("bench", model, dtype=args.dtype, **args.engine_options)
+        result["server"] = {"model": args.model, "dtype": args.dtype, "engine_options": args.engine_options,
+                            "device": jax.devices()[0].device_kind}
+        if args.in_process:
+            try:
+                return await measure([EngineTarget(served)], work, args)
+            finally:
+                served.engine.shutdown()
         process, url, command = start_server(
             model, args.dtype, args.engine_options, log_path, extra_args=shlex.split(args.server_args),
             cache_dir=args.compilation_cache_dir)
-        result["server"] = {"command": command, "log": str(log_path), "model": args.model, "dtype": args.dtype,
-                            "engine_options": args.engine_options, "device": jax.devices()[0].device_kind}
+        result["server"].update(command=command, log=str(log_path))
         try:
             async with HTTPTarget(url, pid=process.pid) as http:
                 return await measure([EngineTarget(served), http], work, args)

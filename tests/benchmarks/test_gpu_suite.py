@@ -32,4 +32,6 @@ def test_small_suite_runs_every_section(tmp_path):
     assert [r["batch"] for r in result["decode"]["rows"]] == [1, 4]
     summary = result["summary"]
     assert summary["serving_output_tokens_per_s"] > 0 and summary["hf_output_tokens_per_s"] > 0
+    assert summary["http_vs_in_process_tokens_per_s"] > 0 and "http_overhead_target_met" in summary
+    assert result["serving"]["in_process"]["runs"][0]["target"] == "in-process"
     assert out.with_suffix(".md").read_text().startswith("# GPU suite")
