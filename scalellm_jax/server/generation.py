@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import random
 import time
-import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
@@ -45,6 +45,10 @@ class Generator:
         self._executor = executor
         self._max_in_flight = max_in_flight
         self._retry_after = str(retry_after_s)
+        # Response ids: 128 random bits, seeded once from os.urandom. uuid4 reads os.urandom on every
+        # request, a system call that releases the GIL, and the engine thread may then hold it for
+        # milliseconds before the event loop gets it back.
+        self._id_bits = random.Random()
         self.in_flight = 0  # engine requests admitted and not finished (event-loop only)
 
     # ------------------------------------------------------------------ requests → jobs
@@ -97,9 +101,9 @@ class Generator:
                     raise from_engine_error(exc, prompt_field) from None
                 choices.append((p, params))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        prefix = "chatcmpl" if chat else "cmpl"
-        return Job(chat, f"{prefix}-{uuid.uuid4().hex}", self.served.name, int(time.time()), prompts, choices,
-                   req.priority, req.stream, include_usage, logprobs, prompt_field)
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{self._id_bits.getrandbits(128):032x}"
+        return Job(chat, request_id, self.served.name, int(time.time()), prompts, choices, req.priority, req.stream,
+                   include_usage, logprobs, prompt_field)
 
     # ------------------------------------------------------------------ admission
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import openai
 import pytest
 from server_helpers import MODEL
@@ -33,6 +35,9 @@ def test_completion_and_its_stream_agree(client):
     assert "".join(c.choices[0].text for c in chunks) == choice.text  # same seed, same tokens
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    # one id per response, shared by its chunks, distinct from the other response's: cmpl-<32 hex digits>
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id != whole.id
+    assert re.fullmatch(r"cmpl-[0-9a-f]{32}", whole.id) and re.fullmatch(r"cmpl-[0-9a-f]{32}", chunks[0].id)
 
 
 @pytest.mark.parametrize("engine_thread_limit", [0, generation.ENGINE_THREAD_TOKENIZE_MAX_CHARS])
