@@ -35,3 +35,13 @@ def test_small_suite_runs_every_section(tmp_path):
     assert summary["http_vs_in_process_tokens_per_s"] > 0 and "http_overhead_target_met" in summary
     assert result["serving"]["in_process"]["runs"][0]["target"] == "in-process"
     assert out.with_suffix(".md").read_text().startswith("# GPU suite")
+
+
+def test_summary_keeps_the_server_numbers_when_the_in_process_baseline_failed():
+    run = {"load": 64, "summary": {"output_tokens_per_s": 900.0, "ttft_ms": {"p50": 40.0}, "tpot_ms": {"p50": 20.0},
+                                   "e2e_ms": {"p50": 900.0}}}
+    results = {"config": {"concurrency": 64}, "hf": {"tokens_per_s": 90.0},
+               "serving": {"client": {"runs": [run]}, "in_process_error": "Command ... returned exit status 1."}}
+    summary = gpu_suite.summary(results)
+    assert summary["serving_output_tokens_per_s"] == 900.0 and summary["serving_vs_hf"] == pytest.approx(10.0)
+    assert summary["http_overhead_error"].startswith("Command") and "http_overhead_target_met" not in summary
