@@ -478,7 +478,8 @@ def parse_args(argv):
     for name in ("num_prompts", "repeats", "max_prompt_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.model.startswith("bench:") and args.model[len("bench:"):] not in BENCH_MODELS:
+    args.bench_model = args.model.removeprefix("bench:") if args.model.startswith("bench:") else None
+    if args.bench_model is not None and args.bench_model not in BENCH_MODELS:
         parser.error(f"--model: unknown {args.model!r}; bench models: {', '.join(BENCH_MODELS)}")
     try:
         args.engine_options = json.loads(args.engine)
@@ -500,9 +501,7 @@ async def _run(args, work: list[Work], result: dict, log_path: pathlib.Path) -> 
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     with tempfile.TemporaryDirectory(prefix="serving-bench-model-") as folder:
-        model = args.model
-        if model.startswith("bench:"):
-            model = str(write_bench_model(model[len("bench:"):], folder))
+        model = args.model if args.bench_model is None else str(write_bench_model(args.bench_model, folder))
         served = build_served_model("bench", model, dtype=args.dtype, **args.engine_options)
         result["server"] = {"model": args.model, "dtype": args.dtype, "engine_options": args.engine_options,
                             "device": jax.devices()[0].device_kind}
