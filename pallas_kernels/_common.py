@@ -3,11 +3,19 @@
 Backend choice (applies to every kernel in this package)
 --------------------------------------------------------
 The kernels are written for the Pallas **Triton** lowering and request it explicitly by passing
-``jax.experimental.pallas.triton.CompilerParams`` to ``pl.pallas_call``. Since jax 0.10 the
-default GPU lowering of ``pl.pallas_call`` is Mosaic GPU (``jax_pallas_use_mosaic_gpu``
-defaults to True), and in jax 0.11 the Triton backend is deprecated, so without explicit
-compiler params the same code would silently be handed to Mosaic GPU and fail to lower. Why
-Triton and not Mosaic GPU:
+``jax.experimental.pallas.triton.CompilerParams`` to ``pl.pallas_call``. Which lowering a
+``pl.pallas_call`` gets on GPU depends on the jax version:
+
+* jax 0.10.x: without compiler params the ``jax_pallas_use_mosaic_gpu`` flag decides, and it
+  defaults to True, so the call goes to Mosaic GPU (with a deprecation warning: Mosaic GPU
+  kernels should use ``plgpu.kernel``), where these kernels fail to lower. Triton compiler
+  params select the Triton lowering.
+* jax 0.11.x: the flag is gone and ``pl.pallas_call`` lowers through Triton only (no compiler
+  params means default Triton params). The Triton backend is deprecated and warns at lowering;
+  Mosaic GPU is reached only through ``plgpu.kernel``.
+
+Passing Triton compiler params therefore gives the same lowering on both. Why Triton and not a
+Mosaic GPU (``plgpu.kernel``) port:
 
 * Paged attention needs *gathers*: a block of K/V is ``pages[page_ids]`` where ``page_ids`` comes
   from the page table. The Triton lowering turns that into one vectorised pointer load;
@@ -15,16 +23,21 @@ Triton and not Mosaic GPU:
   programming model (``plgpu.kernel``) that would be a second, much larger code base.
 * Ragged prefill needs masked loads/stores at data-dependent row offsets, which the Triton
   lowering supports directly (``pltriton.load/store(mask=...)``).
-* The same kernel body runs under ``interpret=True`` on CPU (jax 0.10.2 CI), so what CI tests is
-  what the GPU runs. Mosaic GPU interpret mode is a different interpreter.
-* Mosaic GPU ``pl.pallas_call`` itself is deprecated in favour of ``plgpu.kernel``.
+* The same kernel body runs under ``interpret=True`` on CPU, so what CI tests is what the GPU
+  runs. Mosaic GPU interpret mode is a different interpreter.
 
-The cost: Triton is deprecated in jax 0.11 and will eventually be removed. Everything that
-touches it goes through this module (``compiler_params``, ``load``, ``store``), guarded by
-feature checks, so a port is one file plus the kernel bodies. When ``interpret=True`` no
-compiler params are passed; the masked ``load``/``store`` helpers wrap generic Pallas primitives
-that the interpreter runs too. ``tests/pallas_kernels/test_pallas_triton_lowering.py`` lowers the
-kernels for CUDA on a CPU machine and checks they are routed to Triton.
+The cost: Triton is deprecated and will eventually be removed. Everything that touches it goes
+through this module (``compiler_params``, ``load``, ``store``), guarded by feature checks, so a
+port is one file plus the kernel bodies. When ``interpret=True`` no compiler params are passed;
+the masked ``load``/``store`` helpers wrap generic Pallas primitives that the interpreter runs
+too. ``tests/pallas_kernels/test_pallas_triton_lowering.py`` lowers the kernels for CUDA on a CPU
+machine and checks they are routed to Triton.
+
+Lengths
+-------
+Every implementation (kernels, ``reference``, ``xla``) clips sequence lengths to the capacity of
+a page-table row, ``max_pages_per_seq * page_size`` (``clip_lengths``): the interpreter clamps
+out-of-range slices, but a GPU would read past the row.
 
 Numerics shared by all kernels
 ------------------------------
@@ -42,7 +55,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-try:  # The Triton-specific Pallas API; deprecated in jax 0.11, may disappear later.
+try:  # The Triton-specific Pallas API; deprecated, may disappear in a later jax.
     from jax.experimental.pallas import triton as _pltriton
 except ImportError:  # pragma: no cover - depends on the installed jax
     _pltriton = None
@@ -69,7 +82,7 @@ def cdiv(a, b):
 
 
 def compiler_params(interpret: bool, num_warps: int, num_stages: int):
-    """Triton compiler params (forces the Triton lowering), or None in interpret mode."""
+    """Triton compiler params (select the Triton lowering on jax 0.10), or None in interpret mode."""
     if interpret:
         return None
     cls = None
@@ -144,6 +157,11 @@ def softmax_update(carry, logits, valid):
         p = jnp.where(valid, p, 0.0)
     l_new = alpha * l_prev + jnp.sum(p, axis=-1)
     return m_new, l_new, alpha, p
+
+
+def clip_lengths(lengths, page_table, page_size: int):
+    """int32 ``lengths`` clipped to ``[0, page_table.shape[1] * page_size]``, a row's capacity."""
+    return jnp.clip(lengths.astype(jnp.int32), 0, page_table.shape[1] * page_size)
 
 
 def check_triton_dims(interpret: bool, **dims: int) -> None:

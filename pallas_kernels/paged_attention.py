@@ -142,6 +142,8 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
       page_table: int32 ``[num_seqs, max_pages_per_seq]`` logical -> physical page; entries past
         a sequence's length are ignored (clipped into range, never read as data).
       lengths: int32 ``[num_seqs]`` valid tokens per sequence (0 for padding rows -> zeros).
+        Lengths beyond a row's capacity, ``max_pages_per_seq * page_size``, are clipped to it
+        (so no program reads past its page-table row), as in ``reference`` and ``xla``.
       scale: softmax scale (usually ``head_dim ** -0.5``).
       sliding_window: if set, the query at position ``p`` sees keys ``p - W < j <= p``.
       interpret: run the kernel with the Pallas interpreter (CPU tests).
@@ -185,7 +187,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
         pl.BlockSpec((None, None, group_padded, head_dim), lambda b, h, s: (b, h, 0, 0)),
         page_spec, page_spec,
     ]
-    args = [lengths.astype(jnp.int32), table, qg, k_pages, v_pages]
+    args = [C.clip_lengths(lengths, page_table, page_size), table, qg, k_pages, v_pages]
     if quantized:
         in_specs += [scale_spec, scale_spec]
         args += [k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)]

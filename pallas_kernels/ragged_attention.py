@@ -157,6 +157,10 @@ def ragged_prefill_attention(q, k_pages, v_pages, page_table, kv_lengths, cu_q_l
       k_pages, v_pages, k_scales, v_scales: as in ``paged_decode_attention``.
       page_table: int32 ``[num_seqs, max_pages_per_seq]``.
       kv_lengths: int32 ``[num_seqs]`` total tokens per sequence, including the new ones.
+        Lengths beyond a row's capacity, ``max_pages_per_seq * page_size``, are clipped to it
+        (so no program reads past its page-table row), as in ``reference`` and ``xla``. The new
+        tokens stay the *last* ``q_len`` of the clipped length: query ``i`` sits at position
+        ``min(kv_len, capacity) - q_len + i``; queries at a negative position see no key (zeros).
       cu_q_lens: int32 ``[num_seqs + 1]`` offsets of each sequence's new tokens in ``q``
         (non-decreasing, ``cu_q_lens[0] == 0``; empty sequences are allowed).
       scale, sliding_window, interpret: as in ``paged_decode_attention``.
@@ -185,7 +189,7 @@ def ragged_prefill_attention(q, k_pages, v_pages, page_table, kv_lengths, cu_q_l
     if num_warps is None:
         num_warps = 8 if block_q * group_padded * head_dim >= 128 * 128 else 4
 
-    kv_lengths = kv_lengths.astype(jnp.int32)
+    kv_lengths = C.clip_lengths(kv_lengths, page_table, page_size)
     cu_q_lens = cu_q_lens.astype(jnp.int32)
     meta, seq = tile_metadata(kv_lengths, cu_q_lens, num_tokens, block_q)
     # Launch the tiles with the most KV to visit first, to shorten the tail of the grid.

@@ -5,6 +5,7 @@ favour clarity over speed: pages are gathered into dense per-sequence K/V (dequa
 float32), attention is computed in float32 with full-precision matmuls, and masked keys get
 exactly zero weight (``where`` on the weights and on V, so NaN in unused pages or padding slots
 never reaches an output). Rows that see no key (``length == 0``, padding tokens) are zero.
+Lengths are clipped to a page-table row's capacity as in the kernels (``_common.clip_lengths``).
 ``interpret`` is accepted and ignored so callers can switch implementations without changing
 arguments.
 """
@@ -54,6 +55,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
     C.check_pages(k_pages, v_pages, k_scales, v_scales)
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[0]
+    lengths = C.clip_lengths(lengths, page_table, k_pages.shape[2])
     k = gather_pages(k_pages, page_table, k_scales)  # [b, kvh, L, d]
     v = gather_pages(v_pages, page_table, v_scales)
     pos = jnp.arange(k.shape[2])
@@ -98,6 +100,7 @@ def ragged_prefill_attention(q, k_pages, v_pages, page_table, kv_lengths, cu_q_l
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[0]
     num_seqs = page_table.shape[0]
+    kv_lengths = C.clip_lengths(kv_lengths, page_table, k_pages.shape[2])
     k = gather_pages(k_pages, page_table, k_scales)  # [s, kvh, L, d]
     v = gather_pages(v_pages, page_table, v_scales)
     max_len = k.shape[2]

@@ -7,7 +7,8 @@ The references gather every page-table entry (``max_pages_per_seq`` of them) per
 makes a serving step cost O(max_model_len) regardless of the real lengths.
 
 Masked keys get exactly zero weight and V rows of masked keys are zeroed before the matmul, so NaN
-in unused pages never reaches an output; rows that see no key return zeros.
+in unused pages never reaches an output; rows that see no key return zeros. Lengths are clipped to a
+page-table row's capacity as in the kernels (``_common.clip_lengths``).
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
     C.check_pages(k_pages, v_pages, k_scales, v_scales)
     num_seqs, num_heads, head_dim = q.shape
     kvh = k_pages.shape[0]
+    lengths = C.clip_lengths(lengths, page_table, k_pages.shape[2])
     out = _attend_blocks(
         q.reshape(num_seqs, kvh, num_heads // kvh, head_dim), k_pages, v_pages, k_scales, v_scales,
         page_table, (lengths - 1)[:, None], lengths, scale=scale, sliding_window=sliding_window,
@@ -160,6 +162,7 @@ def ragged_prefill_attention(q, k_pages, v_pages, page_table, kv_lengths, cu_q_l
     num_tokens, num_heads, head_dim = q.shape
     kvh = k_pages.shape[0]
     group = num_heads // kvh
+    kv_lengths = C.clip_lengths(kv_lengths, page_table, k_pages.shape[2])
     tile_seq, tokens, live = _query_tiles(cu_q_lens, num_tokens, tile)
     num_tiles = tile_seq.shape[0]
     _, positions, _ = token_positions(kv_lengths, cu_q_lens, num_tokens)

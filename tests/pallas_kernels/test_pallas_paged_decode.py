@@ -1,17 +1,22 @@
-"""paged_decode_attention (Pallas, interpret mode) against the jnp reference and float64 numpy."""
+"""paged_decode_attention (Pallas: compiled on a GPU, interpreted elsewhere) against the jnp
+reference and float64 numpy."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels import reference
+from pallas_kernels import reference, xla
 from tests.pallas_kernels.paged_cases import (
     DTYPE_CASES,
     INT8_VS_EXACT_TOL,
+    INTERPRET,
     MATRIX,
+    PAGE,
     TOL,
     make_paged_kv,
     np_attention,
@@ -19,9 +24,9 @@ from tests.pallas_kernels.paged_cases import (
     rel_err,
 )
 
-PAGE = 4
-# Length 1, exactly a page, a page + 1, long (several pages, several splits).
-LENGTHS = [1, PAGE, PAGE + 1, 7 * PAGE + 3]
+# Length 1, a zero-length padding row, exactly a page, a page + 1, long (several pages, and
+# several flash-decoding splits with the default tiling).
+LENGTHS = [1, 0, PAGE, PAGE + 1, 4 * PAGE + 3]
 
 
 def expected(kv, q64, scale, sliding_window=None, exact=False):
@@ -36,7 +41,7 @@ def expected(kv, q64, scale, sliding_window=None, exact=False):
 
 def run(fn, kv, q, scale, **kwargs):
     return fn(q, kv.k_pages, kv.v_pages, kv.page_table, jnp.asarray(kv.lengths), scale=scale,
-              interpret=True, **kv.scales, **kwargs)
+              interpret=INTERPRET, **kv.scales, **kwargs)
 
 
 def check_case(rng, dtype, group, head_dim, lengths=LENGTHS, page_size=PAGE, num_kv_heads=2,
@@ -50,6 +55,9 @@ def check_case(rng, dtype, group, head_dim, lengths=LENGTHS, page_size=PAGE, num
     ref = run(reference.paged_decode_attention, kv, q, scale, sliding_window=sliding_window)
     oracle = expected(kv, q64, scale, sliding_window)
     assert out.shape == q.shape and out.dtype == q.dtype
+    empty = kv.lengths == 0  # padding rows: exactly zero, whatever their query holds
+    assert np.all(np.asarray(out, np.float32)[empty] == 0)
+    assert np.all(np.asarray(ref, np.float32)[empty] == 0)
     tol = TOL[q_dtype]
     assert rel_err(out, ref) <= tol
     assert rel_err(out, oracle) <= tol
@@ -75,16 +83,16 @@ def test_decode_int8_kv_with_bf16_queries(rng):
     dict(num_splits=3, pages_per_block=2),  # rounded to a power-of-two split size
     dict(use_mma=True),  # padded tensor-core path for small groups
     dict(sliding_window=1),
-    dict(sliding_window=3),  # window inside one page
-    dict(sliding_window=9, num_splits=4, pages_per_block=1),  # window across splits
-    dict(sliding_window=9, use_mma=True),
+    dict(sliding_window=5),  # window shorter than a page
+    dict(sliding_window=40, num_splits=4, pages_per_block=1),  # window across splits
+    dict(sliding_window=20, use_mma=True),  # window across a page boundary
 ])
 def test_decode_tiling_and_window_variants(rng, tuning):
     check_case(rng, "float32", 4, 64, **tuning)
 
 
-def test_decode_default_page_size_16(rng):
-    check_case(rng, "bfloat16", 4, 128, lengths=[1, 16, 17, 70], page_size=16)
+def test_decode_page_size_32(rng):
+    check_case(rng, "bfloat16", 4, 128, lengths=[1, 32, 33, 70], page_size=32)
 
 
 def test_decode_nan_in_unused_slots_changes_nothing(rng):
@@ -96,14 +104,26 @@ def test_decode_nan_in_unused_slots_changes_nothing(rng):
         np.testing.assert_array_equal(np.asarray(out), np.asarray(out_clean))
 
 
-def test_decode_zero_length_rows_are_zero(rng):
-    kv = make_paged_kv(rng, [0, 6, 0], num_kv_heads=2, head_dim=64, page_size=PAGE,
-                       kv_dtype="float32")
-    q, q64 = random_q(rng, 3, 8, 64, "float32")
-    out = np.asarray(run(pk.paged_decode_attention, kv, q, 0.125))
-    ref = np.asarray(run(reference.paged_decode_attention, kv, q, 0.125))
-    assert np.all(out[[0, 2]] == 0) and np.all(ref[[0, 2]] == 0)
-    assert rel_err(out[1], expected(kv, q64, 0.125)[1]) <= TOL["float32"]
+@pytest.mark.parametrize("sliding_window", [None, 20])
+def test_decode_lengths_past_the_table_row_are_clipped(rng, sliding_window):
+    """A length beyond a row's capacity (max_pages * page_size) attends to the full row, in the
+    kernel, the reference and the xla version alike."""
+    cap = 9 * PAGE
+    # Rows 0 and 3 fill their 9-page table rows (no spare column); every other slot is poisoned.
+    kv = make_paged_kv(rng, [cap, 1, 0, cap, PAGE + 1], num_kv_heads=2, head_dim=64,
+                       page_size=PAGE, kv_dtype="float32", extra_table_cols=0)
+    assert kv.page_table.shape[1] * PAGE == cap
+    too_long = dataclasses.replace(kv, lengths=np.array([cap + 1, 1, 0, 10**6, PAGE + 1]))
+    q, q64 = random_q(rng, 5, 8, 64, "float32")
+    oracle = expected(kv, q64, 0.125, sliding_window)
+    outs = {fn: run(fn, too_long, q, 0.125, sliding_window=sliding_window)
+            for fn in (pk.paged_decode_attention, reference.paged_decode_attention,
+                       xla.paged_decode_attention)}
+    for fn, out in outs.items():
+        assert rel_err(out, oracle) <= TOL["float32"], fn.__module__
+    clipped = run(pk.paged_decode_attention, kv, q, 0.125, sliding_window=sliding_window)
+    np.testing.assert_array_equal(np.asarray(outs[pk.paged_decode_attention]),
+                                  np.asarray(clipped))
 
 
 def test_decode_equals_single_token_prefill(rng):
@@ -114,5 +134,5 @@ def test_decode_equals_single_token_prefill(rng):
     cu = jnp.arange(len(LENGTHS) + 1, dtype=jnp.int32)
     prefill = pk.ragged_prefill_attention(
         q, kv.k_pages, kv.v_pages, kv.page_table, jnp.asarray(kv.lengths), cu, scale=0.125,
-        interpret=True)
+        interpret=INTERPRET)
     assert rel_err(decode, prefill) <= TOL["float32"]

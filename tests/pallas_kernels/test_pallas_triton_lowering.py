@@ -3,10 +3,14 @@
 Cross-platform lowering runs the Pallas -> Triton IR lowering rules (power-of-two shapes,
 supported primitives, masked loads/stores, gathers) and shows which backend ``pallas_call`` was
 routed to. It does not run Triton's own PTX compiler, which only a GPU host exercises.
+
+Without a GPU attached, jax 0.10 lowers for a fallback sm_90 target by itself; jax 0.11 asks for
+the target GPU through an abstract mesh (``gpu_target``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -19,8 +23,23 @@ SDS = jax.ShapeDtypeStruct
 KVH, D, PAGES, PAGE, SEQS, TOKENS = 8, 128, 64, 16, 4, 100
 
 
+def gpu_target():
+    """Context naming the GPU to lower for (an H200), where this jax can take one.
+
+    jax 0.11 reads the target from the abstract mesh's ``AbstractDevice`` and fails without a GPU
+    when none is given; jax 0.10 has the same class but ignores it and falls back to sm_90.
+    """
+    device_cls = getattr(jax.sharding, "AbstractDevice", None)
+    if device_cls is None or not hasattr(jax.sharding, "use_abstract_mesh"):
+        return contextlib.nullcontext()
+    device = device_cls(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
+
+
 def lower_for_cuda(fn, *args):
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    with gpu_target():
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def kv_args(kv_dtype):
@@ -61,7 +80,7 @@ def test_kernels_lower_to_triton_for_cuda(group, q_dtype, kv_dtype, kwargs):
                              SDS((TOKENS, KVH * group, D), q_dtype), k, v, table, lengths,
                              SDS((SEQS + 1,), jnp.int32), *scales)
     for text in (decode, prefill):
-        assert "xla.gpu.triton" in text  # Triton, not the Mosaic GPU default
+        assert "xla.gpu.triton" in text  # Triton (jax 0.10 defaults to Mosaic GPU)
 
 
 def test_decode_padded_mma_variant_lowers():
