@@ -202,6 +202,7 @@ def calibrate(geometry: Geometry, model_config, reps: int = 30, seed: int = 0, p
     import jax
 
     from scalellm_jax.engine.runner import ModelRunner
+    from scalellm_jax.engine.step_program import PlatformChoices
     from scalellm_jax.loader import Model
 
     say = progress or (lambda *_: None)
@@ -209,7 +210,8 @@ def calibrate(geometry: Geometry, model_config, reps: int = 30, seed: int = 0, p
     runner = ModelRunner(
         model, page_size=geometry.page_size, num_pages=geometry.cpu_num_pages,
         max_pages_per_seq=geometry.max_pages_per_seq, max_num_seqs=geometry.max_num_seqs,
-        max_num_batched_tokens=geometry.max_num_batched_tokens, kernels="xla", swap_compression="none",
+        max_num_batched_tokens=geometry.max_num_batched_tokens, choices=PlatformChoices.for_platform("cpu"),
+        swap_compression="none",
     )
     full = geometry.max_num_seqs
     batches = {("decode", n): _build_batch(runner, True, n, [(1, BASE_CONTEXT)] * n)

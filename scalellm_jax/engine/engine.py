@@ -17,7 +17,7 @@ import numpy as np
 
 from scalellm_jax.config import EngineConfig
 from scalellm_jax.engine.kv_manager import KVManager
-from scalellm_jax.engine.memory import device_memory_bytes, plan_memory
+from scalellm_jax.engine.memory import device_budget_bytes, plan_memory
 from scalellm_jax.engine.policies import AliseConfig, LengthEstimates, make_policy
 from scalellm_jax.engine.request import (
     KVLocation,
@@ -30,6 +30,7 @@ from scalellm_jax.engine.request import (
 from scalellm_jax.engine.runner import ModelRunner
 from scalellm_jax.engine.scheduler import Scheduler, SchedulerConfig
 from scalellm_jax.engine.step_costs import StepCostModel
+from scalellm_jax.engine.step_program import PlatformChoices
 from scalellm_jax.loader import Model
 from scalellm_jax.tokenizer import IncrementalDetokenizer
 
@@ -64,10 +65,6 @@ class EngineStats:
     num_preemptions: int  # since start
 
 
-def default_kernels() -> str:
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
-
-
 class LLMEngine:
     def __init__(
         self, model: Model, config: EngineConfig | None = None, *, tokenizer=None, interpret: bool = False,
@@ -80,11 +77,12 @@ class LLMEngine:
         c = model.config
         self.max_model_len = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
-        kernels = default_kernels() if config.attention_kernels == "auto" else config.attention_kernels
+        choices = PlatformChoices.for_platform(jax.default_backend(), config.attention_kernels)
         mesh_shape = dict(model.mesh.shape) if model.mesh is not None else {}
         self.memory_plan = plan_memory(
             c, config, dtype=model.dtype, tp=mesh_shape.get("tensor", 1), ep=mesh_shape.get("expert", 1),
-            device_bytes=device_memory_bytes(jax.local_devices()[0]), max_pages_per_seq=max_pages_per_seq,
+            budget_bytes=device_budget_bytes(jax.local_devices()[0], config.gpu_memory_utilization),
+            max_pages_per_seq=max_pages_per_seq,
         )
         logger.info("%s", self.memory_plan.describe())
         num_pages = self.memory_plan.num_pages
@@ -92,7 +90,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, page_size=config.page_size, num_pages=num_pages, max_pages_per_seq=max_pages_per_seq,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            kernels=kernels, kv_cache_dtype=config.kv_cache_dtype, interpret=interpret,
+            choices=choices, kv_cache_dtype=config.kv_cache_dtype, interpret=interpret,
             swap_compression=config.swap_compression if swap else None,
         )
         num_host_pages = int(config.swap_space_gb * 2**30) // self.runner.swap_page_bytes(config.swap_compression)
@@ -119,7 +117,7 @@ class LLMEngine:
         self._ids = itertools.count()
         logger.info(
             "engine: %d KV pages of %d tokens, kernels=%s, max_model_len=%d",
-            num_pages, config.page_size, kernels, self.max_model_len,
+            num_pages, config.page_size, choices.kernels, self.max_model_len,
         )
 
     def warmup(self, progress: bool = True) -> None:

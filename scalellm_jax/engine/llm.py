@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from scalellm_jax.config import PRESETS, EngineConfig, preset
 from scalellm_jax.engine.engine import LLMEngine, RequestOutput
+from scalellm_jax.engine.memory import configure_allocator
 from scalellm_jax.engine.request import SamplingParams
 from scalellm_jax.loader import Model, load
 from scalellm_jax.parallel import ParallelConfig
@@ -28,6 +29,8 @@ class LLM:
 
     def __init__(self, model: str | Model, *, dtype: str = "bfloat16", tokenizer=None, warmup: bool = True,
                  seed: int = 0, tensor_parallel_size: int = 1, expert_parallel_size: int = 1, **engine_options):
+        config = EngineConfig(seed=seed, **engine_options)
+        configure_allocator(config.gpu_memory_utilization)  # before the first JAX call starts the backends
         parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, expert_parallel_size=expert_parallel_size)
         if isinstance(model, Model):
             loaded, tokenizer_source = model, None
@@ -39,7 +42,7 @@ class LLM:
             loaded = loaded.sharded(parallel)
         self.model = loaded
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_source)
-        self.engine = LLMEngine(loaded, EngineConfig(seed=seed, **engine_options), tokenizer=self.tokenizer)
+        self.engine = LLMEngine(loaded, config, tokenizer=self.tokenizer)
         if warmup:
             self.engine.warmup()
 

@@ -3,17 +3,26 @@
 Computed from shapes alone (no allocation), so the engine can refuse to start with one line that
 says how much is missing and what would make it fit, instead of failing deep inside XLA with an
 out-of-memory error after minutes of loading.
+
+``gpu_memory_utilization`` is a fraction of the device's total memory, as in vLLM. XLA's GPU allocator
+caps its pool at ``XLA_CLIENT_MEM_FRACTION`` (formerly ``XLA_PYTHON_CLIENT_MEM_FRACTION``) of the total,
+0.75 when unset, so the entry points (``LLM``, the server CLI) call :func:`configure_allocator` before JAX
+starts, and the engine derives its budget from whatever cap is in force (:func:`device_budget_bytes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 
 import numpy as np
 
 from scalellm_jax.config import ConfigError, EngineConfig, ModelConfig
 from scalellm_jax.parallel import kv_head_shards
+
+logger = logging.getLogger(__name__)
 
 GIB = 1024**3
 
@@ -24,7 +33,7 @@ class MemoryPlan:
     workspace_bytes: int  # per device: activations and logits of the largest step, a rough bound
     page_bytes: int  # per device, one KV page across all layers (K and V, scales if int8)
     num_pages: int
-    budget_bytes: int | None  # gpu_memory_utilization × device memory; None when unknown (CPU)
+    budget_bytes: int | None  # gpu_memory_utilization × total device memory (or the allocator's cap); None on CPU
 
     @property
     def kv_bytes(self) -> int:
@@ -74,35 +83,37 @@ def plan_memory(
     dtype,
     tp: int = 1,
     ep: int = 1,
-    device_bytes: int | None,
+    budget_bytes: int | None,
     max_pages_per_seq: int,
     default_pages_per_seq: int = 64,
 ) -> MemoryPlan:
-    """The plan; raises ``ConfigError`` (one line: what is missing, what would fit) when it cannot fit."""
+    """The plan within ``budget_bytes`` (from :func:`device_budget_bytes`; None: no limit known, a default pool).
+
+    Raises ``ConfigError`` (one line: what is missing, what would fit) when it cannot fit.
+    """
     itemsize = np.dtype(dtype).itemsize
     kv_itemsize = 1 if engine.kv_cache_dtype == "int8" else itemsize
     weights = weights_bytes_per_device(config, itemsize, tp, ep)
     workspace = workspace_bytes(config, engine, itemsize)
     page = page_bytes_per_device(config, engine.page_size, kv_itemsize, tp)
-    budget = None if device_bytes is None else int(device_bytes * engine.gpu_memory_utilization)
     min_pages = max_pages_per_seq + 1  # one full-length sequence plus the reserved null page
     if engine.num_pages is not None:
         num_pages = engine.num_pages
-    elif budget is None:
+    elif budget_bytes is None:
         num_pages = 1 + engine.max_num_seqs * min(max_pages_per_seq, default_pages_per_seq)
     else:
-        num_pages = (budget - weights - workspace) // page
-    if budget is not None:
+        num_pages = (budget_bytes - weights - workspace) // page
+    if budget_bytes is not None:
         needed = weights + workspace + page * max(num_pages, min_pages)
-        if num_pages < min_pages or needed > budget:
-            missing = needed - budget if needed > budget else page * (min_pages - num_pages)
+        if num_pages < min_pages or needed > budget_bytes:
+            missing = needed - budget_bytes if needed > budget_bytes else page * (min_pages - num_pages)
             raise ConfigError(
                 f"the model does not fit: {needed / GIB:.2f} GiB per device needed "
                 f"(weights {weights / GIB:.2f}, KV {page * max(num_pages, min_pages) / GIB:.2f}, "
-                f"workspace {workspace / GIB:.2f}) but {budget / GIB:.2f} GiB available, "
+                f"workspace {workspace / GIB:.2f}) but {budget_bytes / GIB:.2f} GiB available, "
                 f"{missing / GIB:.2f} GiB missing; {_suggestion(config, tp, ep, engine)}"
             )
-    return MemoryPlan(weights, workspace, page, int(num_pages), budget)
+    return MemoryPlan(weights, workspace, page, int(num_pages), budget_bytes)
 
 
 def _suggestion(config: ModelConfig, tp: int, ep: int, engine: EngineConfig) -> str:
@@ -117,8 +128,60 @@ def _suggestion(config: ModelConfig, tp: int, ep: int, engine: EngineConfig) -> 
     return "try " + ", ".join(options)
 
 
-def device_memory_bytes(device) -> int | None:
-    """Total memory of an accelerator (None on CPU, where XLA reports no limit)."""
+# XLA's GPU allocators (BFC, cuda_async) cap their pool at this fraction of the device's total memory, preallocated
+# or not (XLA_PYTHON_CLIENT_PREALLOCATE=false only grows the pool on demand up to the same cap); jaxlib (0.10, 0.11)
+# reads it from XLA_CLIENT_MEM_FRACTION or its deprecated name XLA_PYTHON_CLIENT_MEM_FRACTION (both set: an error).
+DEFAULT_MEM_FRACTION = 0.75
+_FRACTION_VARS = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+
+
+def allocator_fraction() -> float:
+    """The fraction of total device memory XLA's GPU allocator may take under the current environment."""
+    if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "platform":
+        return 1.0  # plain cudaMalloc: no pool, no cap
+    for name in _FRACTION_VARS:
+        if os.environ.get(name):
+            return float(os.environ[name])
+    return DEFAULT_MEM_FRACTION
+
+
+def configure_allocator(utilization: float) -> bool:
+    """Let XLA's GPU allocator take ``utilization`` of total device memory; returns whether it set it.
+
+    Call before anything touches a JAX backend: the allocator reads the variable once, when JAX starts its
+    backends. After that, or when the user set a fraction, the environment is left alone and
+    :func:`device_budget_bytes` warns if the cap in force is below ``utilization``.
+    """
+    from jax._src import xla_bridge  # no public "have backends started?"; present in jax 0.10 and 0.11
+
+    if xla_bridge.backends_are_initialized() or any(os.environ.get(name) for name in _FRACTION_VARS):
+        return False
+    os.environ["XLA_CLIENT_MEM_FRACTION"] = str(utilization)
+    return True
+
+
+def device_budget_bytes(device, utilization: float) -> int | None:
+    """``utilization`` × the device's total memory, or the allocator's cap when that is lower (None on CPU).
+
+    The total is not reported; it is the allocator's cap divided by the fraction in force.
+    """
+    limit = allocator_limit_bytes(device)
+    if limit is None:
+        return None
+    fraction = allocator_fraction()
+    total = limit / fraction
+    if fraction < utilization:
+        name = next((name for name in _FRACTION_VARS if os.environ.get(name)), "XLA_CLIENT_MEM_FRACTION")
+        logger.warning(
+            "XLA's allocator may use only %.2f GiB (%g of %.2f GiB), less than gpu_memory_utilization=%g, so the "
+            "memory plan is capped there; JAX reads the fraction when it starts: set %s=%g in the environment "
+            "before importing jax", limit / GIB, fraction, total / GIB, utilization, name, utilization,
+        )
+    return min(int(utilization * total), limit)
+
+
+def allocator_limit_bytes(device) -> int | None:
+    """The most XLA's allocator will hand out on ``device`` (None on CPU, where XLA reports no limit)."""
     stats = device.memory_stats() or {}
     limit = stats.get("bytes_limit")
     return int(limit) if limit and not math.isinf(limit) else None

@@ -19,8 +19,6 @@ step: only token ids and their logprobs come back to the host.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 
 import jax
@@ -29,50 +27,14 @@ import numpy as np
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
-from scalellm_jax.engine.buckets import bucket_for, pow2_buckets, step_buckets
+from scalellm_jax.engine.buckets import bucket_for, pow2_buckets
 from scalellm_jax.engine.kv_swap import KVSwapper, page_bytes
-from scalellm_jax.engine.sampling import row_keys, sample, token_logprobs
 from scalellm_jax.engine.scheduler import ScheduledRequest, SwapOp
+from scalellm_jax.engine.step_program import PlatformChoices, StepBatch, StepShapes, pool_shapes, step_functions
 from scalellm_jax.loader import Model
-from scalellm_jax.model.paged import PagedAttention, PagedMeta, kv_pool_spec
+from scalellm_jax.model.paged import kv_pool_spec
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class StepBatch:
-    """Host-side (numpy) inputs of one step, already padded to its bucket."""
-
-    decode_only: bool
-    tokens: np.ndarray
-    positions: np.ndarray
-    slot_mapping: np.ndarray
-    page_table: np.ndarray
-    kv_lengths: np.ndarray
-    cu_q_lens: np.ndarray
-    logits_index: np.ndarray
-    temperature: np.ndarray
-    top_k: np.ndarray
-    top_p: np.ndarray
-    seeds: np.ndarray
-    steps: np.ndarray
-    want_logprobs: np.ndarray
-
-
-def _step(module, params, pools, tokens, positions, meta, logits_index, temperature, top_k, top_p, seeds, steps,
-          want_logprobs):
-    logits, pools = module.apply(
-        {"params": params}, tokens[None], positions[None], pools, meta, logits_index=logits_index[None]
-    )
-    logits = logits[0]
-    next_tokens = sample(logits, row_keys(seeds), steps, temperature, top_k, top_p)
-    # A log-softmax over the vocabulary for every row costs ~10% of a CPU decode step: only when asked.
-    logprobs = jax.lax.cond(
-        jnp.any(want_logprobs),
-        lambda: token_logprobs(logits, next_tokens),
-        lambda: jnp.zeros(next_tokens.shape, jnp.float32),
-    )
-    return next_tokens, logprobs, pools
 
 
 class ModelRunner:
@@ -85,7 +47,7 @@ class ModelRunner:
         max_pages_per_seq: int,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        kernels: str,
+        choices: PlatformChoices,
         kv_cache_dtype: str = "auto",
         swap_compression: str | None = None,
         interpret: bool = False,
@@ -97,14 +59,12 @@ class ModelRunner:
         self.num_pages = num_pages
         self.max_pages_per_seq = max_pages_per_seq
         self.max_num_seqs = max_num_seqs
-        self.token_buckets = step_buckets(min(16, max_num_batched_tokens), max_num_batched_tokens, fine_from=128)
-        self.seq_buckets = step_buckets(1, max_num_seqs, fine_from=16)
-        scale = c.head_dim**-0.5
-        mesh = model.mesh
-        mixed = PagedAttention(c.sliding_window, scale, kernels, decode_only=False, interpret=interpret, mesh=mesh)
-        decode = PagedAttention(c.sliding_window, scale, kernels, decode_only=True, interpret=interpret, mesh=mesh)
-        self._mixed = jax.jit(functools.partial(_step, model.module(mixed)), donate_argnums=(1,))
-        self._decode = jax.jit(functools.partial(_step, model.module(decode)), donate_argnums=(1,))
+        self.shapes = StepShapes(max_num_seqs, max_num_batched_tokens, max_pages_per_seq)
+        self.token_buckets = self.shapes.token_buckets
+        self.seq_buckets = self.shapes.seq_buckets
+        self.choices = choices
+        functions = step_functions(c, model.dtype, choices, mesh=model.mesh, interpret=interpret)
+        self._mixed, self._decode = functions[False], functions[True]
         self.pools = self._allocate_pools(kv_cache_dtype)
         self.swapper = None
         if swap_compression is not None:
@@ -120,21 +80,13 @@ class ModelRunner:
     def _allocate_pools(self, kv_cache_dtype: str):
         """Per-layer KV pools, sharded over KV heads on the tensor axis under a mesh (``kv_pool_spec``)."""
         c = self.model.config
-        shape = (c.num_kv_heads, self.num_pages, self.page_size, c.head_dim)
         mesh = self.model.mesh
         sharding = NamedSharding(mesh, kv_pool_spec(c.num_kv_heads, mesh)) if mesh is not None else None
-
-        def zeros(shape, dtype):  # zeros, never empty: unused pages must not hold NaN that could reach an output
-            return jnp.zeros(shape, dtype, device=sharding)
-
-        if kv_cache_dtype == "int8":
-            scales = shape[:3]
-            return tuple(
-                (zeros(shape, jnp.int8), zeros(shape, jnp.int8), zeros(scales, jnp.float32), zeros(scales, jnp.float32))
-                for _ in range(c.num_layers)
-            )
-        dtype = self.model.dtype
-        return tuple((zeros(shape, dtype), zeros(shape, dtype)) for _ in range(c.num_layers))
+        # zeros, never empty: unused pages must not hold NaN that could reach an output
+        return tuple(
+            tuple(jnp.zeros(shape, dtype, device=sharding) for shape, dtype in layer)
+            for layer in pool_shapes(c, self.num_pages, self.page_size, self.model.dtype, kv_cache_dtype)
+        )
 
     # ------------------------------------------------------------------ host side
 
@@ -169,33 +121,14 @@ class ModelRunner:
         return batch
 
     def _empty(self, decode_only: bool, num_tokens: int, rows: int) -> StepBatch:
-        return StepBatch(
-            decode_only=decode_only,
-            tokens=np.zeros(num_tokens, np.int32),
-            positions=np.zeros(num_tokens, np.int32),
-            slot_mapping=np.full(num_tokens, -1, np.int32),
-            page_table=np.zeros((rows, self.max_pages_per_seq), np.int32),
-            kv_lengths=np.zeros(rows, np.int32),
-            cu_q_lens=np.zeros(rows + 1, np.int32),
-            logits_index=np.zeros(rows, np.int32),
-            temperature=np.zeros(rows, np.float32),
-            top_k=np.zeros(rows, np.int32),
-            top_p=np.ones(rows, np.float32),
-            seeds=np.zeros(rows, np.uint32),
-            steps=np.zeros(rows, np.int32),
-            want_logprobs=np.zeros(rows, bool),
-        )
+        return StepBatch.empty(decode_only, num_tokens, rows, self.max_pages_per_seq)
 
     # ------------------------------------------------------------------ device side
 
     def execute(self, batch: StepBatch) -> tuple[jax.Array, jax.Array]:
         """Dispatch one step; returns device arrays (token ids [rows], logprobs [rows]) without waiting."""
         fn = self._decode if batch.decode_only else self._mixed
-        meta = PagedMeta(batch.slot_mapping, batch.page_table, batch.kv_lengths, batch.cu_q_lens)
-        tokens, logprobs, self.pools = fn(
-            self.model.params, self.pools, batch.tokens, batch.positions, meta, batch.logits_index,
-            batch.temperature, batch.top_k, batch.top_p, batch.seeds, batch.steps, batch.want_logprobs,
-        )
+        tokens, logprobs, self.pools = fn(*batch.args(self.model.params, self.pools))
         return tokens, logprobs
 
     def swap(self, swap_out: list[SwapOp], swap_in: list[SwapOp]) -> None:
@@ -218,7 +151,7 @@ class ModelRunner:
 
     def warmup(self, progress: bool = True) -> None:
         """Compile every bucket once (all-padding batches write nothing and read nothing)."""
-        shapes = [(True, n, n) for n in self.seq_buckets] + [(False, n, self.max_num_seqs) for n in self.token_buckets]
+        shapes = self.shapes.warmup()
         for decode_only, num_tokens, rows in tqdm(shapes, desc="compiling step buckets", disable=not progress):
             jax.block_until_ready(self.execute(self._empty(decode_only, num_tokens, rows)))
         if self.swapper is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from aiohttp import web
 
 from scalellm_jax.config import PRESETS, ConfigError, EngineConfig
+from scalellm_jax.engine.memory import configure_allocator
 from scalellm_jax.server.app import STATE, create_app
 from scalellm_jax.server.config import DEMO_ENGINE_OPTIONS, DEMO_MODEL_NAME, DEMO_PRESET, ServerConfig
 
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = engine_options(args)
         config = server_config(args)
+        # before the loading thread's first JAX call starts the backends
+        configure_allocator(options.get("gpu_memory_utilization", EngineConfig.gpu_memory_utilization))
         with _event_loop(args.event_loop) as runner:
             return runner.run(serve(args, config, options))
     except CLIError as exc:

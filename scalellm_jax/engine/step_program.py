@@ -1,0 +1,149 @@
+"""What the engine compiles: the jitted step functions, their shape buckets and their arguments.
+
+One definition serves the ``ModelRunner`` (which compiles and runs these programs on the local
+devices) and ``benchmarks.gpu_compile_check`` (which compiles the same programs for an H200 on a
+CPU machine). The platform-dependent implementation choices are made here, from a platform name
+passed in, never from the compiling host's backend: a compile for a GPU on a CPU host must get
+the GPU choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scalellm_jax.config import ModelConfig
+from scalellm_jax.engine.buckets import step_buckets
+from scalellm_jax.engine.sampling import row_keys, sample, token_logprobs
+from scalellm_jax.model import Mixtral
+from scalellm_jax.model.paged import PagedAttention, PagedMeta
+
+
+@dataclasses.dataclass(frozen=True)
+class PlatformChoices:
+    """Attention kernels (``pallas`` | ``xla``) and MoE implementation (``ragged`` | ``chunked``)."""
+
+    kernels: str
+    moe_impl: str
+
+    @classmethod
+    def for_platform(cls, platform: str, kernels: str = "auto") -> PlatformChoices:
+        """GPU: our Pallas kernels and ``ragged_dot`` experts; elsewhere the blockwise jnp attention
+        and the capacity-batched experts (XLA:CPU lowers ``ragged_dot`` densely)."""
+        gpu = platform in ("gpu", "cuda", "rocm")
+        if kernels == "auto":
+            kernels = "pallas" if gpu else "xla"
+        return cls(kernels=kernels, moe_impl="ragged" if gpu else "chunked")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShapes:
+    """The shape buckets of the two step programs (see ``runner`` for why these buckets).
+
+    mixed steps: ``num_tokens`` in ``token_buckets`` with ``max_num_seqs`` rows; decode steps:
+    ``num_seqs`` in ``seq_buckets`` rows of one token each.
+    """
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_pages_per_seq: int
+
+    @functools.cached_property
+    def token_buckets(self) -> tuple[int, ...]:
+        return step_buckets(min(16, self.max_num_batched_tokens), self.max_num_batched_tokens, fine_from=128)
+
+    @functools.cached_property
+    def seq_buckets(self) -> tuple[int, ...]:
+        return step_buckets(1, self.max_num_seqs, fine_from=16)
+
+    def warmup(self) -> list[tuple[bool, int, int]]:
+        """``(decode_only, num_tokens, rows)`` of every executable serving can run."""
+        return [(True, n, n) for n in self.seq_buckets] + [(False, n, self.max_num_seqs) for n in self.token_buckets]
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """Host-side (numpy) inputs of one step, already padded to its bucket."""
+
+    decode_only: bool
+    tokens: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    page_table: np.ndarray
+    kv_lengths: np.ndarray
+    cu_q_lens: np.ndarray
+    logits_index: np.ndarray
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+    seeds: np.ndarray
+    steps: np.ndarray
+    want_logprobs: np.ndarray
+
+    @classmethod
+    def empty(cls, decode_only: bool, num_tokens: int, rows: int, max_pages_per_seq: int) -> StepBatch:
+        """An all-padding batch: it writes nothing and reads nothing."""
+        return cls(
+            decode_only=decode_only,
+            tokens=np.zeros(num_tokens, np.int32),
+            positions=np.zeros(num_tokens, np.int32),
+            slot_mapping=np.full(num_tokens, -1, np.int32),
+            page_table=np.zeros((rows, max_pages_per_seq), np.int32),
+            kv_lengths=np.zeros(rows, np.int32),
+            cu_q_lens=np.zeros(rows + 1, np.int32),
+            logits_index=np.zeros(rows, np.int32),
+            temperature=np.zeros(rows, np.float32),
+            top_k=np.zeros(rows, np.int32),
+            top_p=np.ones(rows, np.float32),
+            seeds=np.zeros(rows, np.uint32),
+            steps=np.zeros(rows, np.int32),
+            want_logprobs=np.zeros(rows, bool),
+        )
+
+    def args(self, params, pools) -> tuple:
+        """The positional arguments of a step function for this batch."""
+        meta = PagedMeta(self.slot_mapping, self.page_table, self.kv_lengths, self.cu_q_lens)
+        return (params, pools, self.tokens, self.positions, meta, self.logits_index, self.temperature, self.top_k,
+                self.top_p, self.seeds, self.steps, self.want_logprobs)
+
+
+def _step(module, params, pools, tokens, positions, meta, logits_index, temperature, top_k, top_p, seeds, steps,
+          want_logprobs):
+    logits, pools = module.apply(
+        {"params": params}, tokens[None], positions[None], pools, meta, logits_index=logits_index[None]
+    )
+    logits = logits[0]
+    next_tokens = sample(logits, row_keys(seeds), steps, temperature, top_k, top_p)
+    # A log-softmax over the vocabulary for every row costs ~10% of a CPU decode step: only when asked.
+    logprobs = jax.lax.cond(
+        jnp.any(want_logprobs),
+        lambda: token_logprobs(logits, next_tokens),
+        lambda: jnp.zeros(next_tokens.shape, jnp.float32),
+    )
+    return next_tokens, logprobs, pools
+
+
+def step_functions(config: ModelConfig, dtype, choices: PlatformChoices, *, mesh=None, interpret: bool = False):
+    """``{decode_only: jitted step}``; the KV pools (argument 1) are donated."""
+    scale = config.head_dim**-0.5
+    functions = {}
+    for decode_only in (False, True):
+        backend = PagedAttention(config.sliding_window, scale, choices.kernels, decode_only=decode_only,
+                                 interpret=interpret, mesh=mesh)
+        module = Mixtral(config, backend, dtype, moe_impl=choices.moe_impl, mesh=mesh)
+        functions[decode_only] = jax.jit(functools.partial(_step, module), donate_argnums=(1,))
+    return functions
+
+
+def pool_shapes(config: ModelConfig, num_pages: int, page_size: int, dtype, kv_cache_dtype: str):
+    """Per layer, the ``(shape, dtype)`` of each KV pool array: K and V pages, and int8 scales."""
+    shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
+    if kv_cache_dtype == "int8":
+        layer = ((shape, jnp.int8), (shape, jnp.int8), (shape[:3], jnp.float32), (shape[:3], jnp.float32))
+    else:
+        layer = ((shape, dtype), (shape, dtype))
+    return tuple(layer for _ in range(config.num_layers))
