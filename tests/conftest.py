@@ -6,6 +6,8 @@ import random
 
 import pytest
 
+from tests.torch_reference import require_torch
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
@@ -14,7 +16,7 @@ def pytest_configure(config):
 @pytest.fixture
 def make_hf_mixtral(tmp_path):
     """``make_hf_mixtral(**config_overrides) -> (folder, torch model)`` with fresh random weights."""
-    import torch
+    torch = require_torch()
     from transformers import MixtralConfig, MixtralForCausalLM
 
     counter = iter(range(1000))

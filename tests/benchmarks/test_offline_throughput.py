@@ -7,6 +7,7 @@ import json
 import pytest
 
 from benchmarks import offline_throughput as bench
+from tests.torch_reference import require_torch
 
 needs_data = pytest.mark.skipif(
     not bench.DEFAULT_DATA.is_file(), reason=f"workload data absent: {bench.DEFAULT_DATA} (../shared/data)"
@@ -28,6 +29,7 @@ def test_max_model_len_must_fit_prompt_and_output():
 @pytest.mark.slow
 @needs_data
 def test_smoke_run_reports_both_throughputs(tmp_path, capsys):
+    require_torch()  # the Hugging Face side of the ratio
     out = tmp_path / "r.json"
     assert bench.main(["--smoke", "--json", "--out", str(out)]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.torch_reference import require_torch
+
 # Deliberately all different (H=32, nH*D=64, I=48, V=96, E=4) so a wrong transpose cannot hide.
 TINY = dict(
     vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -24,7 +26,7 @@ def build_hf(folder: Path, dtype: str = "float32", layout: str = "legacy", max_s
     layout ``legacy``: ``save_pretrained`` (per-expert tensors); ``fused``: the transformers 5
     in-memory ``state_dict`` (gate_up_proj / down_proj) saved directly with safetensors.
     """
-    import torch
+    torch = require_torch()
     from safetensors.torch import save_file
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -78,7 +80,7 @@ def copy_tree(src: Path, dst: Path) -> Path:
 def to_numpy(t) -> np.ndarray:
     """torch tensor -> numpy, bit-exact (bfloat16 through ml_dtypes)."""
     import ml_dtypes
-    import torch
+    torch = require_torch()
 
     t = t.detach().contiguous().cpu()
     if t.dtype == torch.bfloat16:

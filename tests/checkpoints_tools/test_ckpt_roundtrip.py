@@ -15,6 +15,7 @@ from checkpoints_tools import export as export_cli
 from checkpoints_tools.hf_layout import FUSED, LEGACY, param_shapes
 from checkpoints_tools.orbax_io import ParamReader, is_converted, read_converted, write_converted
 from checkpoints_tools.safetensors_io import HFCheckpoint
+from tests.torch_reference import require_torch
 
 
 def legacy_names_of(folder) -> dict[str, np.ndarray]:
@@ -78,7 +79,7 @@ def test_round_trip_is_bit_exact(hf_checkpoint, tmp_path, layout, dtype, extra):
 
 
 def test_export_loads_in_transformers_with_same_logits(hf_checkpoint, tmp_path):
-    import torch
+    torch = require_torch()
     from transformers import MixtralForCausalLM
 
     folder, model = hf_checkpoint()

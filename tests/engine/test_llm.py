@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import scalellm_jax
 from scalellm_jax import LLM, SamplingParams
+from tests.torch_reference import require_torch
 
 SMALL = dict(page_size=4, num_pages=96, max_num_seqs=4, max_num_batched_tokens=16)
 
 
 def test_greedy_llm_generate_equals_transformers(make_hf_mixtral):
+    torch = require_torch()
+
     folder, hf = make_hf_mixtral(sliding_window=6)
     llm = LLM(str(folder), dtype="float32", **SMALL)
     rng = np.random.default_rng()

@@ -105,8 +105,10 @@ def test_hashed_encoder_is_deterministic_normalised_and_similarity_aware():
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2] + 0.3
     np.testing.assert_array_equal(vecs, encoder.encode(texts))
     # Stable across processes (no salted str hash): the same numbers come out of a fresh interpreter.
-    code = ("import sys, numpy as np; from scalellm_jax.engine.text_encoder import HashedNgramEncoder; "
-            "np.save(sys.stdout.buffer, HashedNgramEncoder(dim=1024).encode(['Write a long essay about dogs.']))")
+    # Through a BytesIO: numpy 2.5's np.save asks a pipe for its file position, which fails (OSError).
+    code = ("import io, sys, numpy as np; from scalellm_jax.engine.text_encoder import HashedNgramEncoder; "
+            "buf = io.BytesIO(); np.save(buf, HashedNgramEncoder(dim=1024).encode(['Write a long essay about dogs.']))"
+            "; sys.stdout.buffer.write(buf.getvalue())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "123"}).stdout
     np.testing.assert_array_equal(np.load(io.BytesIO(out))[0], vecs[0])

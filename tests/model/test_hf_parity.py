@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import scalellm_jax
+from tests.torch_reference import require_torch
+
+torch = require_torch()
 
 PARITY_CONFIGS = {
     "gqa2-top2": dict(),
