@@ -46,11 +46,9 @@ MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, MAX_MODEL_LEN, PAGE_SIZE = 256, 2048, 3276
 SLIDING_WINDOW = 4096  # Mixtral-8x7B has none; Mistral-style checkpoints do, and the kernels support it
 
 
-# Our Pallas kernels (the ``name=`` of their pallas_call): any spill in them fails the check. XLA's own fusions on
-# jax 0.11.2 spill a few bytes in small reductions (8 bytes in a 14-register ``any`` over 256 flags): listed in the
-# table, failing only above this many bytes per thread.
+# Our Pallas kernels (the ``name=`` of their pallas_call): their rows in the table carry their registers and
+# shared memory. A spill anywhere, ours or in one of XLA's own fusions, fails the check.
 OUR_KERNELS = ("paged_decode_attention", "ragged_prefill_attention")
-XLA_SPILL_LIMIT_BYTES = 64
 
 
 def configure_environment() -> None:
@@ -134,9 +132,8 @@ def compile_program(group: str, program: str, shape: str, fn, args) -> dict:
             kernels.setdefault(name, Kernel(name)).shared_memory = smem
     ours = [k for k in kernels.values() if k.name in OUR_KERNELS]
     spilled = {k.name: max(k.spill_stores, k.spill_loads) for k in kernels.values() if k.spill_stores or k.spill_loads}
-    failing = [name for name, n in spilled.items() if name in OUR_KERNELS or n > XLA_SPILL_LIMIT_BYTES]
-    if error is None and failing:
-        error = "register spill in " + ", ".join(f"{name} ({spilled[name]} bytes)" for name in failing)
+    if error is None and spilled:
+        error = "register spill in " + ", ".join(f"{name} ({n} bytes)" for name, n in spilled.items())
     if error is None and not kernels:
         error = "no ptxas report in XLA's log: is the CUDA plugin on PYTHONPATH and ptxas found?"
     row.update(

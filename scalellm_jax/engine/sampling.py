@@ -55,8 +55,11 @@ def _thresholds(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Ar
     probs = jax.nn.softmax(jnp.where(keep, sorted_desc, -jnp.inf), axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep &= (mass_before < top_p[:, None]) | (rank == 0)
-    num_kept = jnp.sum(keep, axis=-1)
-    return jnp.take_along_axis(sorted_desc, (num_kept - 1)[:, None], axis=-1)[:, 0]
+    # ``keep`` is a prefix of the sorted row, so its last logit is the smallest kept one. The barrier keeps
+    # XLA:GPU from fusing the softmax and cumsum into that reduction: ptxas spills registers for the fused
+    # kernel on sm_90a at some batch sizes (make gpu-compile-check).
+    keep = jax.lax.optimization_barrier(keep)
+    return jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1)
 
 
 def sample(
