@@ -167,13 +167,30 @@ def decode_items(cfg, ct, c) -> tuple[list[Item], list[Item]]:
 
 
 def serving_buckets(cfg) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The decode and mixed buckets the serving stage's engines warm (``benchmarks.bucket_launch``)."""
-    from benchmarks.bucket_launch import keep
-    from scalellm_jax.engine.buckets import step_buckets
+    """The decode and mixed buckets the serving stage's engines warm (``serving_engine_options``'s
+    ``decode_buckets`` / ``token_buckets`` plus the largest, or the engine's full set)."""
+    from scalellm_jax import EngineConfig
+    from scalellm_jax.engine.step_program import StepShapes
 
-    mbt = cfg.serving_max_num_batched_tokens
-    return (keep(step_buckets(1, cfg.serving_max_num_seqs, fine_from=16), cfg.serving_seq_buckets),
-            keep(step_buckets(min(16, mbt), mbt, fine_from=128), cfg.serving_token_buckets))
+    config = EngineConfig(**serving_engine_options(cfg))
+    shapes = StepShapes(config.max_num_seqs, config.max_num_batched_tokens, 1,
+                        decode_sizes=config.decode_buckets, token_sizes=config.token_buckets)
+    return shapes.seq_buckets, shapes.token_buckets
+
+
+def serving_engine_options(cfg) -> dict:
+    """The serving stage's ``EngineConfig`` fields, for the server (as flags) and its in-process baseline (JSON).
+
+    No host swap: at this load the KV cache holds every stream several times over, so nothing is preempted,
+    and the swap executables (two per page-count bucket) would only lengthen warmup.
+    """
+    options = dict(max_num_seqs=cfg.serving_max_num_seqs, max_num_batched_tokens=cfg.serving_max_num_batched_tokens,
+                   max_model_len=cfg.serving_max_model_len, swap_space_gb=0)
+    if cfg.serving_seq_buckets is not None:
+        options["decode_buckets"] = list(cfg.serving_seq_buckets)
+    if cfg.serving_token_buckets is not None:
+        options["token_buckets"] = list(cfg.serving_token_buckets)
+    return options
 
 
 def in_process_start_s(cfg) -> float:
@@ -199,7 +216,7 @@ def serving_items(cfg, ct, c) -> list[Item]:
         Item("server start", PROCESS_START_S + init.seconds + 2, f"start + {init.basis}"),
         Item(f"server warmup, {n_seq} decode + {n_tok} mixed buckets", n_seq * dc + n_tok * mc,
              "compile times above; " + ("the engine's full set" if cfg.serving_seq_buckets is None and
-                                        cfg.serving_token_buckets is None else "cut by benchmarks.bucket_launch")),
+                                        cfg.serving_token_buckets is None else "--decode-buckets/--token-buckets")),
         Item("load client", 12 + warm_requests + workload, "start + tokenize, " + basis),
         Item("server stop", 5, "terminate, wait"),
         Item("in-process baseline", in_process_start_s(cfg) + warm_requests + workload, "start, init, warmup from "

@@ -168,18 +168,6 @@ def zero_compile_check(cfg, engine, r: dict) -> None:
 # ---------------------------------------------------------------------------------------------- stage 3
 
 
-def _launcher(seq, tokens) -> list[str]:
-    """The command prefix that runs a module with only these buckets (``benchmarks.bucket_launch``)."""
-    if seq is None and tokens is None:
-        return [sys.executable, "-m"]
-    cmd = [sys.executable, "-m", "benchmarks.bucket_launch"]
-    if seq is not None:
-        cmd += ["--seq", ",".join(map(str, seq))]
-    if tokens is not None:
-        cmd += ["--tokens", ",".join(map(str, tokens))]
-    return [*cmd, "--"]
-
-
 def start_server(cmd: list[str], log_path: pathlib.Path, deadline: Deadline, rec: Recorder) -> tuple:
     """Start the server (its port chosen here) and wait for /health until the deadline."""
     with socket.socket() as s:
@@ -206,26 +194,24 @@ def start_server(cmd: list[str], log_path: pathlib.Path, deadline: Deadline, rec
 
 def serving(cfg, rec: Recorder, deadline: Deadline, ctx: Context) -> None:
     """The server under the load client, then (server stopped) the same workload in-process."""
-    from benchmarks.serving import overhead_report
+    from benchmarks.serving import overhead_report, server_flags
     from benchmarks.serving import stop_server as stop
 
-    # No host swap: at this load the KV cache holds every stream several times over, so nothing is preempted,
-    # and the swap executables (two per page-count bucket) would only lengthen warmup.
-    options = dict(max_num_seqs=cfg.serving_max_num_seqs, max_num_batched_tokens=cfg.serving_max_num_batched_tokens,
-                   max_model_len=cfg.serving_max_model_len, swap_space_gb=0)
+    # Both engines warm (and serve with) only the configured buckets (a 32-layer step compiles in tens of seconds
+    # on an H200: the engine's full set would not fit the stage), and no host swap (see serving_engine_options).
+    options = gpu_estimate.serving_engine_options(cfg)
     workload = ["--concurrency", str(cfg.concurrency), "--num-prompts", str(cfg.num_prompts),
                 "--max-tokens", str(cfg.max_tokens), "--dataset", str(ctx.dataset), "--no-plot"]
-    launch = _launcher(cfg.serving_seq_buckets, cfg.serving_token_buckets)
     seq, tokens = gpu_estimate.serving_buckets(cfg)
     r = rec.results["serving"] = {"engine_options": options, "buckets": {
-        "decode": seq, "mixed": tokens, "cut_by_bucket_launch": launch[2:3] == ["benchmarks.bucket_launch"]}}
+        "decode": list(seq), "mixed": list(tokens),
+        "cut": cfg.serving_seq_buckets is not None or cfg.serving_token_buckets is not None}}
     cache = tempfile.mkdtemp(prefix="gpu-suite-xla-")  # the in-process run reads the server's executables
     stem = rec.path.stem if rec.path else "gpu_suite-serving"
     try:
-        server_cmd = [*launch, "scalellm_jax.server", "--model", cfg.model, "--served-model-name", "bench",
-                      "--dtype", cfg.dtype, "--max-queued-requests", "100000", "--compilation-cache-dir", cache]
-        for key, value in options.items():
-            server_cmd += ["--" + key.replace("_", "-"), str(value)]
+        server_cmd = [sys.executable, "-m", "scalellm_jax.server", "--model", cfg.model, "--served-model-name",
+                      "bench", "--dtype", cfg.dtype, "--max-queued-requests", "100000",
+                      "--compilation-cache-dir", cache, *server_flags(options)]
         start = time.perf_counter()
         process, url, r["server_command"] = start_server(server_cmd, ctx.out_dir / f"{stem}.server.log", deadline, rec)
         r["server_ready_s"] = time.perf_counter() - start
@@ -252,8 +238,8 @@ def serving(cfg, rec: Recorder, deadline: Deadline, ctx: Context) -> None:
             return
         in_process_out = ctx.out_dir / f"{stem}.in-process.json"
         try:  # the baseline failing must not lose the server's own numbers (the HF comparison uses them)
-            subprocess.run([*launch, "benchmarks.serving", "--in-process", "--model", cfg.model, "--dtype", cfg.dtype,
-                            "--engine", json.dumps(options), "--compilation-cache-dir", cache,
+            subprocess.run([sys.executable, "-m", "benchmarks.serving", "--in-process", "--model", cfg.model,
+                            "--dtype", cfg.dtype, "--engine", json.dumps(options), "--compilation-cache-dir", cache,
                             "--out", str(in_process_out), *workload],
                            check=True, cwd=ROOT, timeout=max(1.0, deadline.remaining()))
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:

@@ -329,6 +329,17 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def server_flags(options: dict) -> list[str]:
+    """EngineConfig fields as ``scalellm_jax.server`` flags (a list of sizes, e.g. ``decode_buckets``, as 16,64)."""
+    flags = []
+    for key, value in options.items():
+        if value is None:  # the server's default
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+        flags += ["--" + key.replace("_", "-"), text]
+    return flags
+
+
 def start_server(model: str, dtype: str, options: dict, log_path: pathlib.Path, *, extra_args=(),
                  cache_dir: str = "", timeout: float = 900.0) -> tuple[subprocess.Popen, str, str]:
     """Start ``python -m scalellm_jax.server`` on a free port (engine ``options`` as flags); wait for /health."""
@@ -338,9 +349,7 @@ def start_server(model: str, dtype: str, options: dict, log_path: pathlib.Path, 
     cmd = [sys.executable, "-m", "scalellm_jax.server", "--model", model, "--served-model-name", "bench",
            "--port", str(port), "--dtype", dtype, "--max-queued-requests", "100000",
            "--compilation-cache-dir", cache_dir]
-    for key, value in options.items():
-        cmd += ["--" + key.replace("_", "-"), str(value)]
-    cmd += list(extra_args)
+    cmd += [*server_flags(options), *extra_args]
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"

@@ -216,6 +216,12 @@ class EngineConfig:
     length_predictor_data: str | None = None  # alise: JSONL of instruction/output rows to warm-start from
     swap_space_gb: float = 4.0  # host memory for preempted requests' KV; 0 = always recompute
     swap_compression: str = "none"  # "int8": compress swapped float KV 2-4× (resumed KV then rounded)
+    # Shape buckets compiled at warmup (None: the engine's defaults, 17 at the default sizes, 25 at 256 seqs and
+    # 2048 tokens). Fewer warm up faster (each is one executable: tens of seconds for a 32-layer step on a GPU),
+    # but a step pads up to the next kept size. The largest default (max_num_seqs rows / max_num_batched_tokens
+    # tokens) is always kept, so every batch fits a bucket.
+    decode_buckets: tuple[int, ...] | None = None  # decode steps: rows, each <= max_num_seqs
+    token_buckets: tuple[int, ...] | None = None  # mixed steps: tokens, each <= max_num_batched_tokens
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -242,3 +248,21 @@ class EngineConfig:
             raise ConfigError(
                 f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
             )
+        for name, limit in (("decode_buckets", "max_num_seqs"), ("token_buckets", "max_num_batched_tokens")):
+            object.__setattr__(self, name, _bucket_sizes(name, getattr(self, name), limit, getattr(self, limit)))
+
+
+def _bucket_sizes(name: str, value, limit_name: str, limit: int) -> tuple[int, ...] | None:
+    """``value`` (None or a list/tuple of positive ints <= ``limit``) as a sorted tuple of unique sizes."""
+    if value is None:
+        return None
+    if isinstance(value, str | bytes) or not isinstance(value, list | tuple | set | frozenset):
+        raise ConfigError(f"EngineConfig.{name} must be a list of positive integers or None, got {value!r}")
+    if not value:
+        raise ConfigError(f"EngineConfig.{name} must name at least one size (None: the defaults), got {value!r}")
+    for size in value:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigError(f"EngineConfig.{name} must hold positive integers, got {size!r} in {value!r}")
+        if size > limit:
+            raise ConfigError(f"EngineConfig.{name} sizes must be <= {limit_name} ({limit}), got {size}")
+    return tuple(sorted(set(value)))

@@ -90,7 +90,8 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, page_size=config.page_size, num_pages=num_pages, max_pages_per_seq=max_pages_per_seq,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            choices=choices, kv_cache_dtype=config.kv_cache_dtype, interpret=interpret,
+            choices=choices, decode_buckets=config.decode_buckets, token_buckets=config.token_buckets,
+            kv_cache_dtype=config.kv_cache_dtype, interpret=interpret,
             swap_compression=config.swap_compression if swap else None,
         )
         num_host_pages = int(config.swap_space_gb * 2**30) // self.runner.swap_page_bytes(config.swap_compression)

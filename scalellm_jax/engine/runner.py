@@ -11,7 +11,9 @@ nothing after warmup:
 
 Buckets are powers of two, plus 1.5× powers of two from 16 rows and from 128 tokens
 (``step_buckets``): without them 33 running sequences pay for 64 (a CPU decode step at 64 rows
-costs nearly twice one at 32), and a 257-token step for 512.
+costs nearly twice one at 32), and a 257-token step for 512. ``EngineConfig.decode_buckets`` /
+``token_buckets`` replace them with a few chosen sizes (plus the largest) where compiling every
+bucket at warmup takes too long (a 32-layer Mixtral step: tens of seconds each on a GPU).
 
 The KV pools are donated to every step, so XLA updates them in place. Sampling happens inside the
 step: only token ids and their logprobs come back to the host.
@@ -48,18 +50,22 @@ class ModelRunner:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         choices: PlatformChoices,
+        decode_buckets: tuple[int, ...] | None = None,
+        token_buckets: tuple[int, ...] | None = None,
         kv_cache_dtype: str = "auto",
         swap_compression: str | None = None,
         interpret: bool = False,
     ):
-        """``swap_compression``: None disables host swap; "none" or "int8" enables it (see kv_swap)."""
+        """``swap_compression``: None disables host swap; "none" or "int8" enables it (see kv_swap).
+        ``decode_buckets`` / ``token_buckets``: the shape buckets to keep (None: all; see ``StepShapes``)."""
         c = model.config
         self.model = model
         self.page_size = page_size
         self.num_pages = num_pages
         self.max_pages_per_seq = max_pages_per_seq
         self.max_num_seqs = max_num_seqs
-        self.shapes = StepShapes(max_num_seqs, max_num_batched_tokens, max_pages_per_seq)
+        self.shapes = StepShapes(max_num_seqs, max_num_batched_tokens, max_pages_per_seq,
+                                 decode_sizes=decode_buckets, token_sizes=token_buckets)
         self.token_buckets = self.shapes.token_buckets
         self.seq_buckets = self.shapes.seq_buckets
         self.choices = choices
@@ -156,7 +162,8 @@ class ModelRunner:
             jax.block_until_ready(self.execute(self._empty(decode_only, num_tokens, rows)))
         if self.swapper is not None:
             self.pools = self.swapper.warmup(self.pools)
-        logger.info("warmup compiled %d step and swap shapes", self.num_compilations())
+        logger.info("warmup compiled %d step and swap shapes: decode buckets %s, mixed buckets %s",
+                    self.num_compilations(), list(self.seq_buckets), list(self.token_buckets))
 
     def num_compilations(self) -> int:
         """Distinct compiled step (and swap) executables so far (flat after warmup means no recompiles)."""

@@ -46,23 +46,42 @@ class StepShapes:
 
     mixed steps: ``num_tokens`` in ``token_buckets`` with ``max_num_seqs`` rows; decode steps:
     ``num_seqs`` in ``seq_buckets`` rows of one token each.
+
+    ``decode_sizes`` / ``token_sizes`` (``EngineConfig.decode_buckets`` / ``token_buckets``) replace the
+    default buckets with these sizes plus the largest default (``max_num_seqs`` rows, ``max_num_batched_tokens``
+    tokens), so every batch still fits one: fewer executables to compile, at the cost of padding up to the
+    next kept size. None: the defaults.
     """
 
     max_num_seqs: int
     max_num_batched_tokens: int
     max_pages_per_seq: int
+    decode_sizes: tuple[int, ...] | None = None
+    token_sizes: tuple[int, ...] | None = None
 
     @functools.cached_property
     def token_buckets(self) -> tuple[int, ...]:
+        if self.token_sizes is not None:
+            return _kept("token_sizes", self.token_sizes, self.max_num_batched_tokens)
         return step_buckets(min(16, self.max_num_batched_tokens), self.max_num_batched_tokens, fine_from=128)
 
     @functools.cached_property
     def seq_buckets(self) -> tuple[int, ...]:
+        if self.decode_sizes is not None:
+            return _kept("decode_sizes", self.decode_sizes, self.max_num_seqs)
         return step_buckets(1, self.max_num_seqs, fine_from=16)
 
     def warmup(self) -> list[tuple[bool, int, int]]:
         """``(decode_only, num_tokens, rows)`` of every executable serving can run."""
         return [(True, n, n) for n in self.seq_buckets] + [(False, n, self.max_num_seqs) for n in self.token_buckets]
+
+
+def _kept(name: str, sizes, largest: int) -> tuple[int, ...]:
+    """``sizes`` and ``largest``, sorted and unique (sizes must lie in [1, largest])."""
+    bad = [n for n in sizes if not 1 <= n <= largest]
+    if bad:
+        raise ValueError(f"StepShapes.{name}: {bad} outside [1, {largest}]")
+    return tuple(sorted({*sizes, largest}))
 
 
 @dataclasses.dataclass

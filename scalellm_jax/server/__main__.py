@@ -27,6 +27,16 @@ from scalellm_jax.server.config import DEMO_ENGINE_OPTIONS, DEMO_MODEL_NAME, DEM
 
 logger = logging.getLogger("scalellm_jax.server")
 
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """``"16,64,256"`` → ``(16, 64, 256)`` (range checks are EngineConfig's)."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 16,64,256, got {text!r}") from None
+    return sizes
+
+
 _ENGINE_OPTIONS = {  # flag → (EngineConfig field, type, help)
     "--max-num-seqs": ("max_num_seqs", int, "most sequences in one step (the running batch)"),
     "--max-num-batched-tokens": ("max_num_batched_tokens", int, "per-step token budget (also the prefill chunk)"),
@@ -40,6 +50,11 @@ _ENGINE_OPTIONS = {  # flag → (EngineConfig field, type, help)
     "--length-predictor-data": ("length_predictor_data", str, "alise: JSONL of instruction/output rows to warm-start "
                                 "the output-length predictor"),
     "--swap-space-gb": ("swap_space_gb", float, "host memory for preempted requests' KV (0: recompute instead)"),
+    "--decode-buckets": ("decode_buckets", _sizes, "decode-step row counts to compile at warmup, e.g. 16,64,256 "
+                         "(default: the engine's full set; --max-num-seqs is always added): fewer executables and a "
+                         "faster warmup, at the cost of padding each step up to the next size"),
+    "--token-buckets": ("token_buckets", _sizes, "mixed-step token counts to compile at warmup, e.g. 256,2048 "
+                        "(default: the engine's full set; --max-num-batched-tokens is always added)"),
 }
 
 
@@ -65,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--expert-parallel-size", type=int, default=1)
     for flag, (_, kind, text) in _ENGINE_OPTIONS.items():
-        parser.add_argument(flag, type=kind, default=None, help=text)
+        parser.add_argument(flag, type=kind, default=None, help=text, metavar="N,N,..." if kind is _sizes else None)
     parser.add_argument("--api-key", default=os.environ.get("SCALELLM_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $SCALELLM_API_KEY)")
     parser.add_argument("--max-queued-requests", type=int, default=1024,

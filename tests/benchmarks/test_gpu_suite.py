@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
 
-from benchmarks import bucket_launch, gpu_estimate, gpu_suite
+from benchmarks import gpu_estimate, gpu_suite
 from benchmarks.deadline import Deadline
 
 needs_data = pytest.mark.skipif(not gpu_suite.DATA.is_file(), reason=f"workload data not found: {gpu_suite.DATA}")
@@ -119,28 +120,24 @@ def test_the_watchdog_writes_the_json_and_ends_the_stage_at_its_budget(tmp_path)
     assert "rows" not in result.get("decode", {})  # nothing was measured in 10 ms, and nothing was lost
 
 
-def test_bucket_launch_keeps_the_wanted_buckets_and_the_largest():
-    assert bucket_launch.keep((1, 2, 4, 8, 16, 24, 32, 48, 64), (64,)) == (64,)
-    assert bucket_launch.keep((1, 2, 4, 8, 16, 24, 32, 48, 64), (4, 16, 100)) == (4, 16, 64)
-    assert bucket_launch.keep((16, 32, 64), None) == (16, 32, 64)
+def test_serving_stage_buckets_reach_the_server_and_the_baseline_as_the_same_engine_config():
+    """Server flags (``server_flags`` → the server's parser) and the in-process ``--engine`` JSON agree."""
+    from benchmarks.serving import parse_args, server_flags
+    from scalellm_jax import EngineConfig
+    from scalellm_jax.server import __main__ as cli
 
-
-@pytest.mark.slow
-def test_restricted_buckets_warm_and_serve_only_those():
-    from scalellm_jax import EngineConfig, Model, SamplingParams, preset
-    from scalellm_jax.engine.engine import LLMEngine
-
-    with bucket_launch.restricted_buckets(seq=(2,), tokens=(16,)):
-        engine = LLMEngine(Model.random(preset("tiny"), seed=0, dtype="float32"), EngineConfig(
-            max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128, swap_space_gb=0))
-        engine.warmup()
-    assert (engine.runner.seq_buckets, engine.runner.token_buckets) == ((2, 8), (16, 32))
-    assert engine.runner.num_compilations() == 4
-    for n in (3, 1, 20):
-        engine.add_request(list(range(3, 3 + n)), SamplingParams(max_tokens=3))
-    while engine.has_unfinished():
-        engine.step()
-    assert engine.runner.num_compilations() == 4
+    cfg = gpu_suite.PRESETS["mixtral-8x7b"]
+    options = gpu_estimate.serving_engine_options(cfg)
+    assert options["decode_buckets"] == [64] and options["token_buckets"] == [256]
+    assert gpu_estimate.serving_buckets(cfg) == ((64,), (256,))  # both are the largest: one executable each
+    flags = server_flags(options)
+    assert flags[flags.index("--decode-buckets") + 1] == "64" and "--swap-space-gb" in flags
+    served = EngineConfig(**cli.engine_options(cli.parse_args(["--model", "tiny", *flags])))
+    baseline = parse_args(["--in-process", "--concurrency", "4", "--engine", json.dumps(options)])
+    assert EngineConfig(**baseline.engine_options) == served
+    wider = dataclasses.replace(cfg, serving_seq_buckets=(16, 8), serving_token_buckets=None)
+    assert gpu_estimate.serving_buckets(wider) == ((8, 16, 64), (16, 32, 64, 128, 192, 256))
+    assert server_flags({"decode_buckets": [8, 16], "max_model_len": None}) == ["--decode-buckets", "8,16"]
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -204,8 +201,9 @@ def test_small_serving_then_hf_stages(tmp_path):
     assert gpu_suite.main(["--stage", "serving", "--preset", "small", "--out", str(serving)]) == 0
     s = json.loads(serving.read_text())
     assert s["serving"]["in_process"]["runs"][0]["target"] == "in-process"
-    assert "--seq 4 --tokens 32 -- scalellm_jax.server" in s["serving"]["server_command"]
-    assert "warmup compiled 2 executables" in (tmp_path / "serving.server.log").read_text()
+    assert "--decode-buckets 4 --token-buckets 32" in s["serving"]["server_command"]
+    assert s["serving"]["buckets"] == {"decode": [4], "mixed": [32], "cut": True}
+    assert "warmup compiled 2 step and swap shapes" in (tmp_path / "serving.server.log").read_text()
     assert s["summary"]["http_vs_in_process_tokens_per_s"] > 0 and "http_overhead_target_met" in s["summary"]
     pytest.importorskip("torch")  # the HF baseline
     assert gpu_suite.main(["--stage", "hf", "--preset", "small", "--out", str(hf),

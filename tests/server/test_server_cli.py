@@ -34,11 +34,24 @@ def test_help_lists_the_options(capsys):
     (["--max-queued-requests", "-1"], "--max-queued-requests"),
     (["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
     (["--kv-cache-dtype", "fp4"], "--kv-cache-dtype"),
+    (["--decode-buckets", "16,x"], "--decode-buckets"),
+    (["--decode-buckets", "4,64"], "--decode-buckets"),  # above the demo's max_num_seqs (16)
+    (["--decode-buckets", "0"], "--decode-buckets"),
+    (["--token-buckets", ""], "--token-buckets"),
+    (["--token-buckets", "16,4096", "--max-num-batched-tokens", "2048"], "--token-buckets"),
 ])
 def test_bad_options_exit_2_with_one_line(capsys, argv, option):
     assert _exit_code(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and option in err and "\n" not in err, err
+
+
+def test_bucket_flags_become_engine_config_fields():
+    options = cli.engine_options(cli.parse_args(["--model", "tiny", "--max-num-seqs", "32", "--decode-buckets",
+                                                 "16,4,16", "--token-buckets", "256"]))
+    assert options == {"max_num_seqs": 32, "decode_buckets": (16, 4, 16), "token_buckets": (256,)}
+    config = cli.EngineConfig(**options)
+    assert (config.decode_buckets, config.token_buckets) == ((4, 16), (256,))
 
 
 def test_a_folder_without_a_checkpoint_fails_loading_in_one_line(tmp_path, capsys):
