@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 from benchmarks import gpu_estimate
 from benchmarks.deadline import Deadline, Recorder
@@ -170,6 +169,8 @@ def zero_compile_check(cfg, engine, r: dict) -> None:
 
 def start_server(cmd: list[str], log_path: pathlib.Path, deadline: Deadline, rec: Recorder) -> tuple:
     """Start the server (its port chosen here) and wait for /health until the deadline."""
+    from benchmarks.serving import wait_ready
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -178,16 +179,8 @@ def start_server(cmd: list[str], log_path: pathlib.Path, deadline: Deadline, rec
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     rec.children.append(process)
     url = f"http://127.0.0.1:{port}"
-    while deadline.remaining() > 0:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}; see {log_path}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return process, url, " ".join(cmd)
-        except OSError:
-            pass
-        time.sleep(0.5)  # polling another process's port: there is nothing to wait on
+    if wait_ready(process, url, log_path, time.monotonic() + deadline.remaining()):
+        return process, url, " ".join(cmd)
     process.kill()
     raise TimeoutError(f"server not ready before the stage's deadline; see {log_path}")
 

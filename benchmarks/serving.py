@@ -353,21 +353,27 @@ def start_server(model: str, dtype: str, options: dict, log_path: pathlib.Path, 
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
+    if not wait_ready(process, url, log_path, time.monotonic() + timeout):
+        process.terminate()
+        raise RuntimeError(f"server not ready after {timeout:.0f} s; see {log_path}")
+    return process, url, " ".join(cmd)
+
+
+def wait_ready(process: subprocess.Popen, url: str, log_path: pathlib.Path, deadline: float) -> bool:
+    """Poll the server's /health until it answers 200 (True) or ``time.monotonic()`` passes ``deadline``."""
+    import urllib.request
+
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}; see {log_path}")
         try:
-            import urllib.request
-
             with urllib.request.urlopen(url + "/health", timeout=2) as response:
                 if response.status == 200:
-                    return process, url, " ".join(cmd)
+                    return True
         except OSError:
             pass
         time.sleep(0.5)  # polling another process's port: there is nothing to wait on
-    process.terminate()
-    raise RuntimeError(f"server not ready after {timeout:.0f} s; see {log_path}")
+    return False
 
 
 async def measure(targets, work: list[Work], args) -> list[dict]:
