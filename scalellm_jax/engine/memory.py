@@ -107,22 +107,36 @@ def plan_memory(
         needed = weights + workspace + page * max(num_pages, min_pages)
         if num_pages < min_pages or needed > budget_bytes:
             missing = needed - budget_bytes if needed > budget_bytes else page * (min_pages - num_pages)
+            suggestion = _suggestion(config, engine, itemsize, tp, ep, budget_bytes, min_pages)
             raise ConfigError(
                 f"the model does not fit: {needed / GIB:.2f} GiB per device needed "
                 f"(weights {weights / GIB:.2f}, KV {page * max(num_pages, min_pages) / GIB:.2f}, "
                 f"workspace {workspace / GIB:.2f}) but {budget_bytes / GIB:.2f} GiB available, "
-                f"{missing / GIB:.2f} GiB missing; {_suggestion(config, tp, ep, engine)}"
+                f"{missing / GIB:.2f} GiB missing; {suggestion}"
             )
     return MemoryPlan(weights, workspace, page, int(num_pages), budget_bytes)
 
 
-def _suggestion(config: ModelConfig, tp: int, ep: int, engine: EngineConfig) -> str:
+def _suggestion(config: ModelConfig, engine: EngineConfig, itemsize: int, tp: int, ep: int, budget: int,
+                min_pages: int) -> str:
+    """The smallest larger expert / tensor parallelism that fits, and int8 KV if that alone fits."""
+
+    def fits(tp: int, ep: int, kv_itemsize: int) -> bool:
+        page = page_bytes_per_device(config, engine.page_size, kv_itemsize, tp)
+        need = weights_bytes_per_device(config, itemsize, tp, ep) + workspace_bytes(config, engine, itemsize)
+        return need + page * max(engine.num_pages or 0, min_pages) <= budget
+
+    kv_itemsize = 1 if engine.kv_cache_dtype == "int8" else itemsize
     options = []
-    if config.num_experts % (ep * 2) == 0:
-        options.append(f"expert_parallel_size={ep * 2}")
-    if config.num_heads % (tp * 2) == 0 and config.intermediate_size % (tp * 2) == 0:
-        options.append(f"tensor_parallel_size={tp * 2}")
-    if engine.kv_cache_dtype != "int8":
+    for name, scale, divides in (
+        ("expert_parallel_size", lambda n: (tp, ep * n), lambda n: config.num_experts % (ep * n) == 0),
+        ("tensor_parallel_size", lambda n: (tp * n, ep),
+         lambda n: config.num_heads % (tp * n) == 0 and config.intermediate_size % (tp * n) == 0),
+    ):
+        n = next((n for n in (2, 4, 8, 16, 32, 64) if divides(n) and fits(*scale(n), kv_itemsize)), None)
+        if n is not None:
+            options.append(f"{name}={(ep if name.startswith('expert') else tp) * n}")
+    if engine.kv_cache_dtype != "int8" and fits(tp, ep, 1):
         options.append("kv_cache_dtype='int8'")
     options.append("a smaller max_model_len or max_num_batched_tokens, or a higher gpu_memory_utilization")
     return "try " + ", ".join(options)

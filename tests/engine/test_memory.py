@@ -118,13 +118,17 @@ def test_mixtral_8x7b_on_h200_meshes(clean_env, tp, ep, min_kv_gib):
     assert min_kv_gib * GIB <= plan.kv_bytes <= plan.budget_bytes - plan.weights_bytes - plan.workspace_bytes
 
 
-@pytest.mark.parametrize(("tp", "ep", "suggested"), [(1, 1, "expert_parallel_size=2"), (2, 1, "tensor_parallel_size=4"),
-                                                     (1, 2, "expert_parallel_size=4")])
-def test_mixtral_8x22b_does_not_fit_on_one_or_two_h200s(clean_env, tp, ep, suggested):
+@pytest.mark.parametrize(("tp", "ep", "suggested", "not_suggested"), [
+    (1, 1, "expert_parallel_size=4", "expert_parallel_size=2"),  # the smallest that fits, not the next doubling
+    (2, 1, "tensor_parallel_size=4", "kv_cache_dtype"),  # int8 KV alone would not make it fit
+    (1, 2, "tensor_parallel_size=2", "expert_parallel_size=8"),  # ep 2 x tp 2 (4 devices) fits
+])
+def test_mixtral_8x22b_does_not_fit_on_one_or_two_h200s(clean_env, tp, ep, suggested, not_suggested):
     with pytest.raises(ConfigError) as info:
         h200_plan(MIXTRAL_8X22B, tp=tp, ep=ep, fraction=0.9)
     message = str(info.value)
     assert "\n" not in message and "does not fit" in message and suggested in message
+    assert not_suggested not in message
 
 
 @pytest.mark.parametrize(("tp", "ep", "min_kv_gib"), [(4, 1, 60), (1, 4, 50), (8, 1, 90), (1, 8, 85), (2, 4, 85)])
