@@ -19,44 +19,15 @@ import pallas_kernels as pk
 from benchmarks import kernel_tuning
 from benchmarks.kernels import TOL, Costs, Plan, Shapes, attempt, budget_allows
 from pallas_kernels import reference
+from pallas_kernels.testing import PagedKV, make_paged_kv
 
 
-def poisoned_cache(rng, lengths, shapes, int8: bool, spare_pages: int = 3) -> dict:
-    """K/V for sequences of ``lengths`` tokens in shuffled pages whose unused slots are poisoned.
-
-    Float pages: NaN in every slot no sequence owns. int8 pages: random values with NaN scales there.
-    Table entries past a sequence's pages point at poisoned spare pages or are -1.
-    """
-    p, kvh, d = shapes.page, shapes.kv_heads, shapes.head_dim
-    pages_per_seq = [-(-int(n) // p) for n in lengths]
-    num_pages = sum(pages_per_seq) + spare_pages
-    order = rng.permutation(num_pages)
-    filler = np.concatenate([order[sum(pages_per_seq):], [-1]])
-    table = rng.choice(filler, size=(len(lengths), max(pages_per_seq) + 1)).astype(np.int32)
-    k, v = (np.full((kvh, num_pages, p, d), np.nan, np.float32) for _ in range(2))
-    used = np.zeros((num_pages, p), bool)
-    first = 0
-    for s, n in enumerate(lengths):
-        phys = order[first:first + pages_per_seq[s]]
-        first += pages_per_seq[s]
-        table[s, :len(phys)] = phys
-        tok = np.arange(n)
-        used[phys[tok // p], tok % p] = True
-    for x in (k, v):
-        x[:, used] = rng.normal(size=(kvh, int(used.sum()), d))
-    if not int8:
-        return {"k_pages": jnp.asarray(k, shapes.dtype), "v_pages": jnp.asarray(v, shapes.dtype),
-                "page_table": jnp.asarray(table), "scales": {}}
-    out = {"page_table": jnp.asarray(table), "scales": {}}
-    for name, x in (("k", k), ("v", v)):
-        amax = np.abs(np.nan_to_num(x)).max(axis=-1)
-        scales = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-        values = np.clip(np.round(np.nan_to_num(x) / scales[..., None]), -127, 127).astype(np.int8)
-        values[:, ~used] = rng.integers(-128, 128, size=(kvh, int((~used).sum()), d))
-        scales[:, ~used] = np.nan
-        out[f"{name}_pages"] = jnp.asarray(values)
-        out["scales"][f"{name}_scales"] = jnp.asarray(scales)
-    return out
+def poisoned_cache(rng, lengths, shapes: Shapes, int8: bool) -> PagedKV:
+    """K/V for sequences of ``lengths`` tokens in shuffled pages whose unused slots are poisoned
+    (``pallas_kernels.testing``: NaN in float pages; garbage int8 values with NaN scales)."""
+    kv_dtype = "int8" if int8 else jnp.dtype(shapes.dtype).name
+    return make_paged_kv(rng, lengths, num_kv_heads=shapes.kv_heads, head_dim=shapes.head_dim,
+                         page_size=shapes.page, kv_dtype=kv_dtype)
 
 
 def _queries(rng, rows: int, shapes: Shapes, nan_rows: int = 0):
@@ -75,8 +46,8 @@ def correctness_inputs(rng, kernel: str, shapes: Shapes, int8: bool, window: int
         lengths = [0, 1, p - 1, p, p + 1, 2 * p + 1, 7 * p + 3, 64 * p]  # empty row, page edges, long
         cache = poisoned_cache(rng, lengths, shapes, int8)
         q = _queries(rng, len(lengths), shapes)
-        args = (q, cache["k_pages"], cache["v_pages"], cache["page_table"], jnp.asarray(lengths, jnp.int32))
-        return args, {"sliding_window": window, **cache["scales"]}, [i for i, n in enumerate(lengths) if n == 0]
+        args = (q, cache.k_pages, cache.v_pages, cache.page_table, jnp.asarray(lengths, jnp.int32))
+        return args, {"sliding_window": window, **cache.scales}, [i for i, n in enumerate(lengths) if n == 0]
     # (new tokens, total kv length): an empty row, one token, a page, chunks after a cached prefix, many tiles
     seqs = [(0, 0), (1, 1), (p, p), (p + 1, 3 * p + 2), (5, 2 * p + 5), (9 * p + 6, 12 * p + 1)]
     cache = poisoned_cache(rng, [kv for _, kv in seqs], shapes, int8)
@@ -84,8 +55,8 @@ def correctness_inputs(rng, kernel: str, shapes: Shapes, int8: bool, window: int
     q = _queries(rng, total, shapes, nan_rows=pad)  # NaN batch padding must come back as zeros
     cu = jnp.asarray(np.concatenate([[0], np.cumsum([n for n, _ in seqs])]), jnp.int32)
     kv_lengths = jnp.asarray([kv for _, kv in seqs], jnp.int32)
-    args = (q, cache["k_pages"], cache["v_pages"], cache["page_table"], kv_lengths, cu)
-    return args, {"sliding_window": window, **cache["scales"]}, list(range(total, total + pad))
+    args = (q, cache.k_pages, cache.v_pages, cache.page_table, kv_lengths, cu)
+    return args, {"sliding_window": window, **cache.scales}, list(range(total, total + pad))
 
 
 def compare(out, ref, zero_rows, tol: float) -> dict:

@@ -11,6 +11,7 @@ Public API (every function also takes ``interpret=`` for CPU testing):
 * ``quantize_int8`` / ``dequantize_int8`` (per-token, per-head scales)
 * ``reference``: the same three functions in plain jnp (the test oracle).
 * ``xla``: blockwise jnp versions whose cost follows the real lengths (the CPU serving path).
+* ``pallas_kernels.testing`` (numpy, imported on demand): poisoned paged caches for checking them.
 
 KV layout: pages ``[num_kv_heads, num_pages, page_size, head_dim]``; int8 scales
 ``[num_kv_heads, num_pages, page_size]`` float32. This package imports nothing but jax.

@@ -30,7 +30,7 @@ def test_poisoned_cache_poisons_every_slot_no_sequence_owns():
     rng = np.random.default_rng(0)
     shapes, lengths = kernels.SMOKE, [0, 1, 4, 5, 11]
     cache = kernel_correctness.poisoned_cache(rng, lengths, shapes, int8=False)
-    k, table = np.asarray(cache["k_pages"], np.float32), np.asarray(cache["page_table"])
+    k, table = np.asarray(cache.k_pages, np.float32), np.asarray(cache.page_table)
     owned = np.zeros(k.shape[1:3], bool)
     for s, n in enumerate(lengths):
         for t in range(n):
@@ -38,7 +38,7 @@ def test_poisoned_cache_poisons_every_slot_no_sequence_owns():
     assert np.isfinite(k[:, owned]).all() and np.isnan(k[:, ~owned]).all()
     assert owned.sum() == sum(lengths) and (~owned).sum() >= 3 * shapes.page  # the spare pages
     q = kernel_correctness.poisoned_cache(rng, lengths, shapes, int8=True)
-    assert q["k_pages"].dtype == jnp.int8 and np.isnan(np.asarray(q["scales"]["k_scales"])).sum() > 0
+    assert q.k_pages.dtype == jnp.int8 and np.isnan(np.asarray(q.scales["k_scales"])).sum() > 0
 
 
 @pytest.mark.parametrize("kernel", ["decode", "prefill"])
