@@ -17,11 +17,14 @@ import json
 import math
 import pathlib
 
+from device_models import DEVICES, ModelShape
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 LIMITS_S = {"kernels": 240, "decode": 300, "serving": 300, "hf": 300}
 
-HBM_BPS = 4.8e12  # H200 datasheet, HBM3e
-MATMUL_FLOPS = 990e12  # H200 datasheet, dense bf16 (measured on these hosts: ~790 TFLOP/s)
+HBM_BPS = DEVICES["h200"].memory_bps
+MATMUL_FLOPS = DEVICES["h200"].bf16_flops  # (measured on these hosts: ~790 TFLOP/s)
+# Stage estimates are upper bounds, so below the device cost model's calibration.
 HBM_EFF = 0.5  # fraction of HBM bandwidth a whole decode step reaches (target: 0.6 at batch 64)
 MATMUL_EFF = 0.4  # fraction of the dense bf16 rate a prefill step reaches (MoE, ragged shapes)
 
@@ -49,29 +52,23 @@ class Item:
 
 
 def step_bytes(config, batch: int, context: int, itemsize: int, kv_itemsize: int) -> dict:
-    """Bytes a decode step must read: dense weights, the experts ``batch`` tokens can reach, the KV."""
-    c = config
-    h, e, k = c.hidden_size, c.num_experts, c.num_experts_per_tok
-    attn = h * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim * h
-    dense = c.num_layers * (attn + h * e + 2 * h) + 2 * c.vocab_size * h + h  # + embeddings rows (tiny) ignored
-    expert = 3 * h * c.intermediate_size
-    experts_hit = e * (1 - (1 - k / e) ** batch)  # expected distinct experts per layer, uniform routing
-    kv = batch * context * c.num_layers * 2 * c.num_kv_heads * c.head_dim * kv_itemsize
-    weights = (dense + c.num_layers * experts_hit * expert) * itemsize
+    """Bytes a decode step must read (``device_models``' accounting): dense weights, the experts ``batch``
+    tokens can reach, the LM head, the KV."""
+    s = ModelShape.of(config)
+    experts_hit = s.experts_touched(batch)
+    weights = (s.num_layers * (s.dense_layer_params + experts_hit * s.expert_params) + s.lm_head_params) * itemsize
+    kv = batch * context * s.kv_bytes_per_token(kv_itemsize)
     return {"weights": weights, "kv": kv, "total": weights + kv, "experts_hit_per_layer": experts_hit}
 
 
 def num_params(c) -> int:
-    attn = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim * c.hidden_size
-    experts = c.num_experts * 3 * c.hidden_size * c.intermediate_size
-    return c.num_layers * (attn + experts + c.hidden_size * c.num_experts) + 2 * c.vocab_size * c.hidden_size
+    return ModelShape.of(c).num_params
 
 
 def active_params(c) -> int:
     """Parameters one token multiplies: attention, its top-k experts, the LM head."""
-    attn = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim * c.hidden_size
-    return c.num_layers * (attn + c.num_experts_per_tok * 3 * c.hidden_size * c.intermediate_size) + (
-        c.vocab_size * c.hidden_size)
+    s = ModelShape.of(c)
+    return s.num_layers * (s.attention_params + s.num_experts_per_tok * s.expert_params) + s.lm_head_params
 
 
 def decode_step_s(c, batch: int, context: int) -> float:
