@@ -106,6 +106,16 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
     return tree
 
 
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` of a checkpoint folder (Hugging Face or converted), without reading weights."""
+    from checkpoints_tools.orbax_io import is_converted, read_config
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a checkpoint folder")
+    return read_config(path)[0] if is_converted(path) else ModelConfig.from_json_file(path / "config.json")
+
+
 def load(path: str | Path, dtype: str | Any = "bfloat16", parallel=None) -> Model:
     """Load a Hugging Face Mixtral folder (safetensors, single or sharded) or a converted folder.
 
@@ -117,7 +127,7 @@ def load(path: str | Path, dtype: str | Any = "bfloat16", parallel=None) -> Mode
     ``jax.experimental.multihost_utils.process_allgather``).
     """
     from checkpoints_tools.hf_layout import get_path, iter_params_from_hf
-    from checkpoints_tools.orbax_io import is_converted, read_config, read_converted
+    from checkpoints_tools.orbax_io import is_converted, read_converted
     from checkpoints_tools.safetensors_io import HFCheckpoint
     from scalellm_jax.parallel import build_mesh, param_shardings, put_global
 
@@ -126,7 +136,7 @@ def load(path: str | Path, dtype: str | Any = "bfloat16", parallel=None) -> Mode
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a checkpoint folder")
     converted = is_converted(path)
-    config = read_config(path)[0] if converted else ModelConfig.from_json_file(path / "config.json")
+    config = read_model_config(path)
     mesh = shardings = None
     if parallel is not None and parallel.num_devices > 1:
         parallel.check(config)

@@ -29,6 +29,7 @@ from scalellm_jax.engine.request import (
 )
 from scalellm_jax.engine.runner import ModelRunner
 from scalellm_jax.engine.scheduler import Scheduler, SchedulerConfig
+from scalellm_jax.engine.simulated_device import SimulatedDevice, SimulatedRunner
 from scalellm_jax.engine.step_costs import StepCostModel
 from scalellm_jax.engine.step_program import PlatformChoices
 from scalellm_jax.loader import Model
@@ -68,32 +69,40 @@ class EngineStats:
 class LLMEngine:
     def __init__(
         self, model: Model, config: EngineConfig | None = None, *, tokenizer=None, interpret: bool = False,
-        lengths: LengthEstimates | None = None,
+        lengths: LengthEstimates | None = None, simulated: SimulatedDevice | None = None,
     ):
-        """``lengths``: output-length estimates for the ``alise`` policy (default: the learned predictor)."""
+        """``lengths``: output-length estimates for the ``alise`` policy (default: the learned predictor).
+        ``simulated``: run on a simulated device instead (``simulated_device``; ``model`` needs no params)."""
         self.model = model
         self.tokenizer = tokenizer  # optional: needed for stop strings and output text
         self.config = config = config or EngineConfig()
+        self.simulated = simulated
         c = model.config
         self.max_model_len = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
-        choices = PlatformChoices.for_platform(jax.default_backend(), config.attention_kernels)
-        mesh_shape = dict(model.mesh.shape) if model.mesh is not None else {}
-        self.memory_plan = plan_memory(
-            c, config, dtype=model.dtype, tp=mesh_shape.get("tensor", 1), ep=mesh_shape.get("expert", 1),
-            budget_bytes=device_budget_bytes(jax.local_devices()[0], config.gpu_memory_utilization),
-            max_pages_per_seq=max_pages_per_seq,
-        )
+        if simulated is None:
+            mesh_shape = dict(model.mesh.shape) if model.mesh is not None else {}
+            tp, ep = mesh_shape.get("tensor", 1), mesh_shape.get("expert", 1)
+            budget = device_budget_bytes(jax.local_devices()[0], config.gpu_memory_utilization)
+        else:
+            logger.warning("%s", simulated.describe())
+            tp, ep, budget = simulated.tp, simulated.ep, simulated.budget_bytes(config.gpu_memory_utilization)
+        self.memory_plan = plan_memory(c, config, dtype=model.dtype, tp=tp, ep=ep, budget_bytes=budget,
+                                       max_pages_per_seq=max_pages_per_seq)
         logger.info("%s", self.memory_plan.describe())
         num_pages = self.memory_plan.num_pages
         swap = config.swap_space_gb > 0
-        self.runner = ModelRunner(
-            model, page_size=config.page_size, num_pages=num_pages, max_pages_per_seq=max_pages_per_seq,
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            choices=choices, decode_buckets=config.decode_buckets, token_buckets=config.token_buckets,
-            kv_cache_dtype=config.kv_cache_dtype, interpret=interpret,
-            swap_compression=config.swap_compression if swap else None,
-        )
+        shape = dict(page_size=config.page_size, num_pages=num_pages, max_pages_per_seq=max_pages_per_seq,
+                     max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                     decode_buckets=config.decode_buckets, token_buckets=config.token_buckets,
+                     kv_cache_dtype=config.kv_cache_dtype, swap_compression=config.swap_compression if swap else None)
+        if simulated is None:
+            choices = PlatformChoices.for_platform(jax.default_backend(), config.attention_kernels)
+            self.runner = ModelRunner(model, choices=choices, interpret=interpret, **shape)
+            kernels = choices.kernels
+        else:
+            self.runner = SimulatedRunner(simulated, vocab_size=c.vocab_size, eos_token_id=c.eos_token_id, **shape)
+            kernels = f"simulated {simulated.device}"
         num_host_pages = int(config.swap_space_gb * 2**30) // self.runner.swap_page_bytes(config.swap_compression)
         self.kv = KVManager(num_pages, config.page_size, max_pages_per_seq, num_host_pages=num_host_pages)
         self.step_costs = StepCostModel(decode_buckets=self.runner.seq_buckets)
@@ -118,7 +127,7 @@ class LLMEngine:
         self._ids = itertools.count()
         logger.info(
             "engine: %d KV pages of %d tokens, kernels=%s, max_model_len=%d",
-            num_pages, config.page_size, choices.kernels, self.max_model_len,
+            num_pages, config.page_size, kernels, self.max_model_len,
         )
 
     def warmup(self, progress: bool = True) -> None:

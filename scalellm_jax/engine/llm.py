@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from scalellm_jax.config import PRESETS, EngineConfig, preset
 from scalellm_jax.engine.engine import LLMEngine, RequestOutput
 from scalellm_jax.engine.memory import configure_allocator
 from scalellm_jax.engine.request import SamplingParams
-from scalellm_jax.loader import Model, load
+from scalellm_jax.engine.simulated_device import SimulatedDevice, load_workload_lengths
+from scalellm_jax.loader import Model, load, read_model_config
 from scalellm_jax.parallel import ParallelConfig
 from scalellm_jax.tokenizer import load_tokenizer
 
@@ -24,12 +26,22 @@ class LLM:
     ``model``: a checkpoint folder (Hugging Face or converted), a preset name (random weights, for
     tests and benchmarks), or a loaded :class:`Model`. ``tensor_parallel_size`` and
     ``expert_parallel_size`` shard the model over that many devices (see ``scalellm_jax.parallel``).
-    Extra keyword arguments are :class:`EngineConfig` fields.
+    ``simulate_device`` (e.g. "h200") runs the engine on a simulated device instead: nothing is loaded
+    but the model's config and tokenizer, and the outputs are random tokens (``simulated_device``);
+    ``simulate_lengths``, a JSONL of instruction/output rows, makes those prompts' answers end at the
+    rows' answer lengths. Extra keyword arguments are :class:`EngineConfig` fields.
     """
 
     def __init__(self, model: str | Model, *, dtype: str = "bfloat16", tokenizer=None, warmup: bool = True,
-                 seed: int = 0, tensor_parallel_size: int = 1, expert_parallel_size: int = 1, **engine_options):
+                 seed: int = 0, tensor_parallel_size: int = 1, expert_parallel_size: int = 1,
+                 simulate_device: str | None = None, simulate_lengths: str | None = None, **engine_options):
         config = EngineConfig(seed=seed, **engine_options)
+        if simulate_device is not None:
+            self._init_simulated(model, dtype, tokenizer, config, simulate_device, simulate_lengths,
+                                 tensor_parallel_size, expert_parallel_size)
+            return
+        if simulate_lengths is not None:
+            raise ValueError("simulate_lengths: only with simulate_device")
         configure_allocator(config.gpu_memory_utilization)  # before the first JAX call starts the backends
         parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, expert_parallel_size=expert_parallel_size)
         if isinstance(model, Model):
@@ -45,6 +57,20 @@ class LLM:
         self.engine = LLMEngine(loaded, config, tokenizer=self.tokenizer)
         if warmup:
             self.engine.warmup()
+
+    def _init_simulated(self, model, dtype, tokenizer, config, device, lengths_path, tp, ep) -> None:
+        if isinstance(model, Model):
+            model_config, tokenizer_source = model.config, None
+        elif model in PRESETS:
+            model_config, tokenizer_source = preset(model), None
+        else:
+            model_config, tokenizer_source = read_model_config(model), model
+        self.model = Model(model_config, params=None, dtype=dtype)  # a config only: nothing runs it
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_source)
+        lengths = load_workload_lengths(lengths_path, self.tokenizer) if lengths_path is not None else {}
+        simulated = SimulatedDevice(device, model_config, itemsize=np.dtype(self.model.dtype).itemsize, tp=tp, ep=ep,
+                                    lengths=lengths, lengths_path=lengths_path, seed=config.seed)
+        self.engine = LLMEngine(self.model, config, tokenizer=self.tokenizer, simulated=simulated)
 
     def generate(
         self,

@@ -81,6 +81,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--expert-parallel-size", type=int, default=1)
     for flag, (_, kind, text) in _ENGINE_OPTIONS.items():
         parser.add_argument(flag, type=kind, default=None, help=text, metavar="N,N,..." if kind is _sizes else None)
+    parser.add_argument("--simulate-device", default=None, metavar="DEVICE",
+                        help="run on a simulated device instead of this host's (one of h200, h100, a100-40gb): "
+                        "everything is real but the model step, which takes the device_models cost model's time "
+                        "and returns random tokens; --model needs only its config")
+    parser.add_argument("--simulate-lengths", default=None, metavar="JSONL",
+                        help="with --simulate-device: rows of instruction/output; a completion prompt equal to an "
+                        "instruction ends after as many tokens as its output had")
     parser.add_argument("--api-key", default=os.environ.get("SCALELLM_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $SCALELLM_API_KEY)")
     parser.add_argument("--max-queued-requests", type=int, default=1024,
@@ -121,14 +128,29 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             raise CLIError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not 0 <= args.port < 65536:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
+    check_simulation(args)
     name = args.served_model_name or (Path(args.model).name if args.model else DEMO_MODEL_NAME)
     try:
         return ServerConfig(model_name=name, api_key=args.api_key, max_queued_requests=args.max_queued_requests,
-                            stream_interval_s=args.stream_interval_ms / 1e3)
+                            stream_interval_s=args.stream_interval_ms / 1e3, simulated_device=args.simulate_device)
     except ValueError as exc:
         field = str(exc).split(" ", 1)[0]
         flag = "--stream-interval-ms" if field == "stream_interval_s" else "--" + field.replace("_", "-")
         raise CLIError(f"{flag}: {exc}") from None
+
+
+def check_simulation(args: argparse.Namespace) -> None:
+    if args.simulate_device is not None:
+        from device_models import DEVICES
+
+        if args.simulate_device not in DEVICES:
+            raise CLIError(f"--simulate-device: unknown device {args.simulate_device!r}; choose one of "
+                           f"{', '.join(DEVICES)}")
+    if args.simulate_lengths is not None:
+        if args.simulate_device is None:
+            raise CLIError("--simulate-lengths: only with --simulate-device")
+        if not Path(args.simulate_lengths).is_file():
+            raise CLIError(f"--simulate-lengths: {args.simulate_lengths} is not a file")
 
 
 def _default_cache_dir() -> Path:
@@ -144,10 +166,12 @@ def load(args: argparse.Namespace, name: str, options: dict):
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    on_cpu = jax.default_backend() == "cpu" and args.simulate_device is None  # a simulated GPU serves bfloat16
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
     return build_served_model(name, args.model or DEMO_PRESET, dtype=dtype, seed=args.seed,
                               tensor_parallel_size=args.tensor_parallel_size,
-                              expert_parallel_size=args.expert_parallel_size, **options)
+                              expert_parallel_size=args.expert_parallel_size, simulate_device=args.simulate_device,
+                              simulate_lengths=args.simulate_lengths, **options)
 
 
 async def serve(args: argparse.Namespace, config: ServerConfig, options: dict) -> int:
@@ -191,8 +215,9 @@ async def serve(args: argparse.Namespace, config: ServerConfig, options: dict) -
             print(f"error: --model: cannot load {args.model or DEMO_PRESET}: {message}", file=sys.stderr)
             return 1
         app[STATE].ready(served)
-        logger.info("ready in %.1f s: http://%s:%d/v1 serves %s (max_model_len %d)", time.perf_counter() - start,
-                    host, port, served.name, served.max_model_len)
+        simulated = f", on a SIMULATED {served.simulated_device}" if served.simulated_device else ""
+        logger.info("ready in %.1f s: http://%s:%d/v1 serves %s (max_model_len %d%s)", time.perf_counter() - start,
+                    host, port, served.name, served.max_model_len, simulated)
         await stopping
         logger.info("shutting down")
         return 0

@@ -36,11 +36,15 @@ class ServerState:
         self.served: ServedModel | None = None
         self.generator: Generator | None = None
         self.executor = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="scalellm-tokenize")
-        self.metrics = ServerMetrics(lambda: self.served.engine.stats if self.served else None)
+        self.metrics = ServerMetrics(lambda: self.served.engine.stats if self.served else None,
+                                     simulated_device=config.simulated_device)
 
     def ready(self, served: ServedModel) -> None:
         if served.name != self.config.model_name:
             raise ValueError(f"served model {served.name!r} is not the configured {self.config.model_name!r}")
+        if served.simulated_device != self.config.simulated_device:
+            raise ValueError(f"served model runs on simulated device {served.simulated_device!r}, "
+                             f"configured {self.config.simulated_device!r}")
         limit = served.engine.engine.config.max_num_seqs + self.config.max_queued_requests
         self.generator = Generator(served, self.metrics, self.executor, limit, self.config.retry_after_s,
                                    self.config.stream_interval_s)
@@ -148,8 +152,10 @@ async def _generate(request: web.Request, schema, chat: bool) -> web.StreamRespo
 
 async def _models(request: web.Request) -> web.Response:
     served = request.app[STATE].live_generator().served
-    card = protocol.ModelCard(id=served.name, created=served.created, max_model_len=served.max_model_len)
-    return web.Response(body=protocol.ModelList(data=[card]).model_dump_json(), content_type="application/json")
+    card = protocol.ModelCard(id=served.name, created=served.created, max_model_len=served.max_model_len,
+                              simulated_device=served.simulated_device)
+    body = protocol.ModelList(data=[card]).model_dump_json(exclude_none=True)
+    return web.Response(body=body, content_type="application/json")
 
 
 async def _health(request: web.Request) -> web.Response:

@@ -26,6 +26,7 @@ class ServerConfig:
     # every token generated since the last, which saves per-chunk work at high concurrency.
     stream_interval_s: float = 0.0
     tokenizer_threads: int = 2
+    simulated_device: str | None = None  # said in /v1/models and /metrics: the outputs are not a model's
 
     def __post_init__(self):
         if self.max_queued_requests < 0:

@@ -19,17 +19,22 @@ class ServedModel:
     tokenizer: Tokenizer
     max_model_len: int
     created: int  # unix time, for /v1/models
+    simulated_device: str | None = None  # the engine runs on a simulated device (random output tokens)
 
     @classmethod
     def wrap(cls, name: str, engine: AsyncEngine) -> ServedModel:
         if engine.engine.tokenizer is None:
             raise ValueError("the served engine needs a tokenizer")
-        return cls(name, engine, engine.engine.tokenizer, engine.engine.max_model_len, int(time.time()))
+        simulated = engine.engine.simulated
+        return cls(name, engine, engine.engine.tokenizer, engine.engine.max_model_len, int(time.time()),
+                   simulated.device if simulated is not None else None)
 
 
 def build_served_model(name: str, model: str, *, dtype: str, seed: int = 0, tensor_parallel_size: int = 1,
-                       expert_parallel_size: int = 1, **engine_options) -> ServedModel:
+                       expert_parallel_size: int = 1, simulate_device: str | None = None,
+                       simulate_lengths: str | None = None, **engine_options) -> ServedModel:
     """Load (or, for a preset name, randomly initialize) the model, warm the engine up, start its thread.
+    ``simulate_device``/``simulate_lengths``: a simulated device instead (see ``LLM``).
 
     Raises ``OSError`` / ``ValueError`` (``ConfigError``) with one line naming the problem.
     """
@@ -37,7 +42,8 @@ def build_served_model(name: str, model: str, *, dtype: str, seed: int = 0, tens
 
     start = time.perf_counter()
     llm = LLM(model, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
-              expert_parallel_size=expert_parallel_size, warmup=False, **engine_options)
+              expert_parallel_size=expert_parallel_size, simulate_device=simulate_device,
+              simulate_lengths=simulate_lengths, warmup=False, **engine_options)
     loaded = time.perf_counter()
     llm.engine.warmup(progress=False)
     logger.info("model %s loaded in %.1f s, engine warmed up (every step shape compiled) in %.1f s",

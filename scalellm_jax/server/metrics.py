@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -24,8 +24,13 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], EngineStats | None]):
+    def __init__(self, stats: Callable[[], EngineStats | None], simulated_device: str | None = None):
+        """``simulated_device``: the engine runs on that simulated device; exported so no dashboard
+        mistakes its numbers for a real device's."""
         self.registry = registry = CollectorRegistry()
+        if simulated_device is not None:
+            Info("scalellm_simulated_device", "The engine runs on a simulated device: latencies are modelled, "
+                 "outputs are random tokens.", registry=registry).info({"device": simulated_device})
         self.ttft = Histogram("scalellm_time_to_first_token_seconds", "Time from request arrival to its first token.",
                               buckets=_LATENCY, registry=registry)
         self.itl = Histogram("scalellm_inter_token_latency_seconds", "Time between consecutive output tokens.",

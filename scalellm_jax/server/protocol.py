@@ -184,6 +184,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "scalellm-jax"
     max_model_len: int
+    simulated_device: str | None = None  # set when no model runs: the engine's device is simulated
 
 
 class ModelList(BaseModel):

@@ -38,6 +38,9 @@ def test_help_lists_the_options(capsys):
     (["--decode-buckets", "4,64"], "--decode-buckets"),  # above the demo's max_num_seqs (16)
     (["--decode-buckets", "0"], "--decode-buckets"),
     (["--token-buckets", ""], "--token-buckets"),
+    (["--simulate-device", "tpu-v9"], "--simulate-device"),
+    (["--simulate-lengths", "rows.jsonl"], "--simulate-lengths"),  # without --simulate-device
+    (["--simulate-device", "h200", "--simulate-lengths", "/no/such.jsonl"], "--simulate-lengths"),
     (["--token-buckets", "16,4096", "--max-num-batched-tokens", "2048"], "--token-buckets"),
 ])
 def test_bad_options_exit_2_with_one_line(capsys, argv, option):

@@ -1,0 +1,222 @@
+"""A simulated accelerator under the real engine: every part runs except the jitted step.
+
+``--simulate-device h200`` (server) or ``LLM(..., simulate_device="h200")`` keep the tokenizer, the
+scheduler and its policies, the length predictor, the KV manager and its page counts, the swap
+bookkeeping, detokenization, HTTP and metrics, and replace the device with ``SimulatedRunner``:
+a step takes the time ``device_models`` gives for it (its bytes and FLOPs on that device), spent
+asleep, which releases the GIL and uses no CPU, as a GPU step would. The KV pool comes from the
+engine's own memory plan over the simulated device's memory.
+
+Dispatch is asynchronous as on a GPU: ``execute`` returns at once with results that become
+readable when the simulated device finishes the step (steps queue behind each other), so the
+engine's host work for one step overlaps the device's next step exactly as it does for real.
+
+The tokens are not a model's: random ids, except that a request whose prompt is in the workload
+file (``lengths_path``: JSONL rows of ``instruction`` and ``output``) ends with EOS after as many
+tokens as that row's answer had, so a benchmark can replay real answer lengths without telling
+the scheduler (``max_tokens`` stays the client's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from device_models import DeviceCostModel, ModelShape, StepWork, device_profile
+from scalellm_jax.engine.buckets import bucket_for
+from scalellm_jax.engine.memory import page_bytes_per_device
+from scalellm_jax.engine.scheduler import ScheduledRequest, SwapOp
+from scalellm_jax.engine.step_program import StepShapes
+
+logger = logging.getLogger(__name__)
+
+FIRST_RANDOM_ID = 259  # past the special and byte-fallback ids of SentencePiece vocabularies: word pieces
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulatedDevice:
+    """Which device to simulate, for which model; builds the engine's runner and memory budget."""
+
+    device: str  # a ``device_models.DEVICES`` name
+    model_config: object  # a ``ModelConfig``
+    itemsize: int = 2  # weights' bytes per value (bfloat16, as served on a GPU)
+    tp: int = 1
+    ep: int = 1
+    lengths: dict = dataclasses.field(default_factory=dict, repr=False)  # prompt ids (tuple) -> answer tokens
+    lengths_path: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        device_profile(self.device)  # ValueError naming the choices
+
+    @property
+    def profile(self):
+        return device_profile(self.device)
+
+    def budget_bytes(self, utilization: float) -> int:
+        return int(utilization * self.profile.memory_bytes)
+
+    def cost_model(self, kv_itemsize: int) -> DeviceCostModel:
+        return DeviceCostModel(self.profile, ModelShape.of(self.model_config), itemsize=self.itemsize,
+                               kv_itemsize=kv_itemsize, tp=self.tp, ep=self.ep)
+
+    def describe(self) -> str:
+        lengths = f", answer lengths of {len(self.lengths)} prompts from {self.lengths_path}" if self.lengths else ""
+        return (f"SIMULATED {self.device} (device_models cost model, tp={self.tp}, ep={self.ep}): no model runs, "
+                f"output tokens are random{lengths}")
+
+
+def load_workload_lengths(path: str | Path, tokenizer) -> dict[tuple[int, ...], int]:
+    """Prompt token ids (as the server encodes a completion prompt) -> the row's answer length in tokens."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"simulate_lengths: {path} is not a file")
+    lengths = {}
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"simulate_lengths: {path}:{number}: not JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("instruction", "output")):
+                raise ValueError(f"simulate_lengths: {path}:{number}: needs string fields 'instruction' and 'output'")
+            answer = len(tokenizer.encode(row["output"], add_bos=False))
+            lengths[tuple(tokenizer.encode(row["instruction"]))] = max(1, answer)
+    if not lengths:
+        raise ValueError(f"simulate_lengths: {path} has no rows")
+    return lengths
+
+
+@dataclasses.dataclass
+class SimulatedStep:
+    """A prepared step: its cost-model work and the token each row samples."""
+
+    work: StepWork
+    tokens: np.ndarray
+    decode_only: bool
+
+
+class _DeviceResult:
+    """A step output that becomes readable when the simulated device has finished the step."""
+
+    __slots__ = ("_value", "_ready_at")
+
+    def __init__(self, value: np.ndarray, ready_at: float):
+        self._value, self._ready_at = value, ready_at
+
+    def __array__(self, dtype=None, copy=None):
+        wait = self._ready_at - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)  # the host waits on the device: no CPU, GIL released
+        return self._value if dtype is None else self._value.astype(dtype)
+
+
+class SimulatedRunner:
+    """``ModelRunner``'s interface over a simulated device (see the module docstring)."""
+
+    def __init__(self, device: SimulatedDevice, *, page_size: int, num_pages: int, max_pages_per_seq: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, vocab_size: int, eos_token_id: int | None,
+                 decode_buckets=None, token_buckets=None, kv_cache_dtype: str = "auto",
+                 swap_compression: str | None = None):
+        self.device = device
+        self.page_size, self.num_pages = page_size, num_pages
+        self.max_pages_per_seq, self.max_num_seqs = max_pages_per_seq, max_num_seqs
+        self.shapes = StepShapes(max_num_seqs, max_num_batched_tokens, max_pages_per_seq,
+                                 decode_sizes=decode_buckets, token_sizes=token_buckets)
+        self.seq_buckets, self.token_buckets = self.shapes.seq_buckets, self.shapes.token_buckets
+        kv_itemsize = 1 if kv_cache_dtype == "int8" else device.itemsize
+        self.cost = device.cost_model(kv_itemsize)
+        self._page_bytes = {  # host bytes of one swapped page (every device's shard of it)
+            compression: device.tp * page_bytes_per_device(
+                device.model_config, page_size, 1 if compression == "int8" else kv_itemsize, device.tp)
+            for compression in ("none", "int8")}
+        self.swap_compression = swap_compression
+        self._eos = eos_token_id
+        self._low = FIRST_RANDOM_ID if vocab_size > 2 * FIRST_RANDOM_ID else 0
+        self._vocab = vocab_size
+        self._logprob = -math.log(vocab_size)  # a uniform draw's
+        self._rng = np.random.default_rng(device.seed)
+        self._targets: OrderedDict[str, int | None] = OrderedDict()  # request id -> answer length, recent first
+        self._busy_until = 0.0  # perf_counter time the simulated device finishes its queued work
+        self._pending_swap_s = 0.0
+        self.num_steps = 0
+        self.busy_s = 0.0  # modelled device time so far
+
+    def swap_page_bytes(self, compression: str = "none") -> int:
+        return self._page_bytes[compression]
+
+    # ------------------------------------------------------------------ host side
+
+    def _target(self, request) -> int | None:
+        rid = request.request_id
+        if rid in self._targets:
+            self._targets.move_to_end(rid)
+            return self._targets[rid]
+        target = self.device.lengths.get(tuple(request.prompt_token_ids)) if self.device.lengths else None
+        self._targets[rid] = target
+        while len(self._targets) > 8 * self.max_num_seqs:  # entries are re-derivable: a small LRU suffices
+            self._targets.popitem(last=False)
+        return target
+
+    def _sample(self, s: ScheduledRequest) -> int:
+        request = s.request
+        target = self._target(request)
+        ends = target is not None and request.num_output_tokens + 1 >= target
+        if ends and self._eos is not None and not request.sampling_params.ignore_eos:
+            return self._eos
+        token = int(self._rng.integers(self._low, self._vocab))
+        return token if token != self._eos else self._low
+
+    def prepare(self, scheduled: list[ScheduledRequest], kv) -> SimulatedStep:
+        num_tokens = sum(s.num_new_tokens for s in scheduled)
+        decode_only = num_tokens == len(scheduled)
+        padded = (bucket_for(len(scheduled), self.seq_buckets) if decode_only
+                  else bucket_for(num_tokens, self.token_buckets))
+        rows = [(s.num_new_tokens, s.end) for s in scheduled]
+        work = StepWork.of_rows(rows, num_sampled=sum(s.needs_sample for s in scheduled), padded_tokens=padded)
+        tokens = np.array([self._sample(s) if s.needs_sample else 0 for s in scheduled], np.int32)
+        return SimulatedStep(work, tokens, decode_only)
+
+    # ------------------------------------------------------------------ device side
+
+    def _queue(self, seconds: float) -> float:
+        start = max(time.perf_counter(), self._busy_until)
+        self._busy_until = start + seconds
+        self.busy_s += seconds
+        return self._busy_until
+
+    def execute(self, step: SimulatedStep) -> tuple[_DeviceResult, _DeviceResult]:
+        seconds = self.cost.step_s(step.work) + self._pending_swap_s
+        self._pending_swap_s = 0.0
+        ready_at = self._queue(seconds)
+        self.num_steps += 1
+        logprobs = np.full(len(step.tokens), self._logprob, np.float32)
+        return _DeviceResult(step.tokens, ready_at), _DeviceResult(logprobs, ready_at)
+
+    def swap(self, swap_out: list[SwapOp], swap_in: list[SwapOp]) -> None:
+        if (swap_out or swap_in) and self.swap_compression is None:
+            raise RuntimeError("the scheduler planned a swap but this runner has no swap space")
+        pages = sum(len(op.pages) for op in (*swap_out, *swap_in))
+        if pages:  # copies on the device's queue, before the step that needs them
+            self._pending_swap_s += self.cost.swap_s(pages * self._page_bytes[self.swap_compression])
+
+    def finish_swaps(self) -> None:
+        pass  # a swap's time is part of the next step's
+
+    def drop_swapped(self, request_id: str) -> None:
+        self._targets.pop(request_id, None)
+
+    def warmup(self, progress: bool = True) -> None:
+        logger.warning("%s: nothing to compile", self.device.describe())
+
+    def num_compilations(self) -> int:
+        return 0
