@@ -93,22 +93,26 @@ def test_missing_dataset_exits_2(tmp_path, capsys):
 
 
 def test_overhead_report_pairs_each_repeats_two_targets():
-    def run(target, repeat, tok_s, ttft_ms, loop_us):
+    def run(target, repeat, tok_s, ttft_ms, loop_us, itl_p99_ms=30.0):
         summary = {"output_tokens_per_s": tok_s, "ttft_ms": {"p50": ttft_ms}, "cpu_us_per_token": 100.0,
-                   "event_loop_cpu_us_per_token": loop_us}
+                   "event_loop_cpu_us_per_token": loop_us, "itl_ms": {"p99": itl_p99_ms}}
         return {"target": target, "mode": "concurrency", "load": 64, "repeat": repeat, "summary": summary}
 
     # The machine slows down over the run: per-target medians mix fast and slow repeats, pairs do not.
     runs = [run("in-process", 0, 1000, 40, 10), run("http", 0, 980, 42, 30),
-            run("http", 1, 490, 83, 31), run("in-process", 1, 500, 80, 11),
+            run("http", 1, 490, 82, 31, 31.5), run("in-process", 1, 500, 80, 11),
             run("in-process", 2, 250, 160, 12), run("http", 2, 240, 170, 32)]
     o = bench.overhead_report(runs)["64"]
     assert o["paired_throughput_ratios"] == pytest.approx([0.98, 0.98, 0.96])
     assert o["throughput_ratio"] == pytest.approx(0.98)
-    assert o["paired_ttft_p50_added_ms"] == [2, 3, 10] and o["ttft_p50_added_ms"] == 3
-    assert o["meets_target"]
+    assert o["paired_ttft_p50_added_ms"] == [2, 2, 10] and o["ttft_p50_added_ms"] == 2
+    assert o["paired_itl_p99_added_ms"] == [0, 1.5, 0] and o["itl_p99_added_ms"] == 0
+    assert o["targets"] == bench.OVERHEAD_TARGETS[64] and o["meets_target"]
     assert o["event_loop_cpu_us_per_token"] == {"http": 31, "in-process": 11}
     assert o["output_tokens_per_s"] == {"http": 490, "in-process": 500}
 
     runs[2]["summary"]["ttft_ms"]["p50"] = runs[5]["summary"]["ttft_ms"]["p50"] = 200  # pairs +120 and +40
     assert not bench.overhead_report(runs)["64"]["meets_target"]
+    for r in runs:
+        r["load"] = 8
+    assert bench.overhead_report(runs)["8"]["meets_target"] is None  # no target at this concurrency
