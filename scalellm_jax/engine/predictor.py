@@ -2,24 +2,30 @@
 
 ALISE's design, on the host CPU and without torch:
 
-* Encode the prompt (``text_encoder``: MiniLM layer-5 embedding, hashed n-grams, layout and
-  task-cue statistics, concatenated with per-block weights).
+* Encode the prompt (``text_encoder``). The default concatenates, with per-block weights, a
+  hashed n-grams, a static MiniLM embedding (``static_embedding``: layer-5 token vectors
+  distilled once from the MiniLM weights, averaged over the prompt), layout and task-cue statistics; it
+  costs well under a millisecond of CPU per prompt, so the predictor keeps up with a GPU's
+  arrival rate. ``MINILM_ENCODERS`` runs the full MiniLM instead: it ranks lengths better but
+  costs tens of milliseconds per prompt (numbers in ``benchmarks/results/predictor-*.json``).
 * Retrieval: a vector store of (embedding, actual output length) over the most recent
   ``max_store`` finished requests. When the nearest stored prompts are close (cosine similarity
   above ``knn_threshold``, e.g. a repeated prompt template), their lengths decide the prediction.
 * Fallback: a ridge regression on log length over all features. It is kept as sufficient
   statistics (X^T X, X^T y), so every observation counts, forgetting nothing, and a refit is one
-  ``dim x dim`` Cholesky solve (~1.4k features: 50-250 ms on a small CPU), done every
-  ``refit_every`` observations while holding the predictor's lock.
+  ``dim x dim`` Cholesky solve, done every ``refit_every`` observations while holding the
+  predictor's lock.
 
 ``OutputLengthPredictor`` is thread-safe; it learns online (``observe``) and warm-starts from a
-dataset (``fit``, ``from_dataset``). The engine thread should not call it directly (MiniLM costs
-~15-20 ms of CPU per prompt): ``AsyncPredictor`` runs it on one worker thread, and the engine
-only ever does ``submit(key, prompt)``, ``get(key)`` and ``observe(prompt, n)``, none of which block.
+dataset (``fit``, ``from_dataset``). The engine thread should not call it directly:
+``AsyncPredictor`` runs it on one worker thread, and the engine only ever does
+``submit(key, prompt)``, ``get(key)`` and ``observe(prompt, n)``, none of which block.
+``tiered_predictor.TieredPredictor`` does the same with two predictors: a fast one for every
+request at once, the accurate (MiniLM) one when the host has time.
 
-MiniLM runs on numpy's BLAS. With more BLAS threads than idle cores (a busy serving host),
-OpenBLAS's spinning threads make it several times slower: start servers with
-``OPENBLAS_NUM_THREADS=1`` (JAX does not use OpenBLAS).
+MiniLM (and the one-off build of the static table) runs on numpy's BLAS. With more BLAS threads
+than idle cores (a busy serving host), OpenBLAS's spinning threads make it several times slower:
+start servers with ``OPENBLAS_NUM_THREADS=1`` (JAX does not use OpenBLAS).
 
 ``python -m scalellm_jax.engine.predictor eval --train T.jsonl --test S.jsonl [--json]`` measures it
 (see ``predictor_eval``).
@@ -44,8 +50,12 @@ from scalellm_jax.engine.text_encoder import TextEncoder, make_encoder
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ENCODERS = (("minilm", 1.0), ("hashed", 0.6), ("structure", 0.1), ("cues", 0.1))
-# Without the MiniLM package (the ``minilm`` extra): ~0.1 lower Kendall's tau, ~1 ms per prompt.
+# Hashed n-grams come first because the first block is the retrieval key: they tell near-duplicate
+# prompts apart, while a mean of static token vectors puts unrelated prompts close together too.
+DEFAULT_ENCODERS = (("hashed", 0.6), ("static", 1.0), ("structure", 0.1), ("cues", 0.1))
+# The full transformer in place of its static distillation: better ranks, far more CPU per prompt.
+MINILM_ENCODERS = (("minilm", 1.0), ("hashed", 0.6), ("structure", 0.1), ("cues", 0.1))
+# Without the MiniLM package (the ``minilm`` extra), which both MiniLM encoders need.
 LIGHT_ENCODERS = (("hashed", 1.0), ("structure", 0.1), ("cues", 0.1))
 REGRESSORS = ("alise", "ridge", "knn")
 
@@ -57,7 +67,8 @@ class PredictorConfig:
     ``encoders``: (name, weight) pairs from ``text_encoder.ENCODERS``; the weight scales that block
     of the feature vector (a larger weight means weaker regularisation of it). The first encoder's
     block is the retrieval key. ``regressor``: "alise" (retrieval when neighbours are near, ridge
-    otherwise), "ridge" or "knn" (always the k nearest neighbours).
+    otherwise), "ridge" or "knn" (always the k nearest neighbours). ``minilm_layer`` is the MiniLM
+    layer both ``minilm`` and ``static`` read. ``feature_cache_size`` 0 disables the feature cache.
     """
 
     encoders: tuple[tuple[str, float], ...] = DEFAULT_ENCODERS
@@ -89,12 +100,15 @@ class PredictorConfig:
         for name in ("knn_k", "max_store", "refit_every", "min_observations", "hashed_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.feature_cache_size < 0:
+            raise ValueError(f"feature_cache_size must be >= 0, got {self.feature_cache_size}")
         for name in ("ridge_lambda", "knn_temperature", "prior_tokens", "max_prediction"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     def build_encoders(self) -> list[TextEncoder]:
-        options = {"minilm": {"layer": self.minilm_layer}, "hashed": {"dim": self.hashed_dim}}
+        options = {"minilm": {"layer": self.minilm_layer}, "static": {"layer": self.minilm_layer},
+                   "hashed": {"dim": self.hashed_dim}}
         return [make_encoder(name, **options.get(name, {})) for name, _ in self.encoders]
 
 
@@ -126,6 +140,7 @@ class OutputLengthPredictor:
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._since_refit = 0
         self._coef: np.ndarray | None = None
+        self._fitted_n = 0  # observations in the current fit
         self._intercept = 0.0
         # Retrieval store: a ring buffer of (unit key, log length).
         self._keys = np.zeros((self.config.max_store, self._key_dim), np.float32)
@@ -182,7 +197,9 @@ class OutputLengthPredictor:
         """Learn from one finished request: its prompt and how many tokens it generated."""
         self.observe_many([text], [actual_len])
 
-    def observe_many(self, texts: Sequence[str], lengths: Sequence[float], refit: bool = False) -> None:
+    def observe_many(self, texts: Sequence[str], lengths: Sequence[float], refit: bool = False,
+                     defer_refit: bool = False) -> None:
+        """``refit``: refit now; ``defer_refit``: not even when due (a bulk load in small pieces, then ``refit``)."""
         if len(texts) != len(lengths):
             raise ValueError(f"got {len(texts)} texts but {len(lengths)} lengths")
         if not len(texts):
@@ -202,8 +219,33 @@ class OutputLengthPredictor:
             self._since_refit += len(logs)
             due = self._since_refit >= self.config.refit_every or (
                 self._coef is None and self._n >= self.config.min_observations)
-            if refit or due:
+            if refit or (due and not defer_refit):
                 self._refit()
+
+    def refit(self) -> None:
+        """Fold every observation so far into the model now (no-op before the first one). The solve
+        runs outside the lock: predictions meanwhile use the previous fit."""
+        with self._lock:
+            if not self._n:
+                return
+            system = self._system()
+        coef, intercept = self._solve(*system[:4])
+        with self._lock:
+            if system[4] >= self._fitted_n:  # a concurrent refit may have used more observations
+                self._coef, self._intercept, self._fitted_n = coef, intercept, system[4]
+
+    @property
+    def refit_due(self) -> int:
+        """Observations not in the fit yet when a refit is due (``refit_every`` of them, or enough for a
+        first fit), else 0. Read without the lock (it never waits for a refit): a hint."""
+        cfg, n, waiting = self.config, self._n, self._n - self._fitted_n
+        due = waiting >= cfg.refit_every or (self._coef is None and n >= cfg.min_observations)
+        return waiting if due else 0
+
+    def cached(self, text: str) -> bool:
+        """Whether ``text``'s features are cached, i.e. observing or predicting it costs no encoding."""
+        with self._cache_lock:
+            return text in self._cache
 
     def _retrieval_keys(self, x: np.ndarray) -> np.ndarray:
         """Unit-length first blocks of feature rows: cosine similarity is one matmul."""
@@ -211,8 +253,13 @@ class OutputLengthPredictor:
         return (block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
     def _refit(self) -> None:
-        """Fold pending rows into the sufficient statistics and solve the centred ridge system
-        (tens of ms at the default ~1.4k features; the caller holds the lock)."""
+        """Refit with the lock held (tens of ms at the default ~1.4k features)."""
+        system = self._system()
+        self._coef, self._intercept = self._solve(*system[:4])
+        self._fitted_n = system[4]
+
+    def _system(self) -> tuple:
+        """Fold pending rows into the sufficient statistics; the centred ridge system (caller holds the lock)."""
         if self._pending:
             x = np.concatenate([rows for rows, _ in self._pending]).astype(np.float64)
             logs = np.concatenate([values for _, values in self._pending])
@@ -224,9 +271,13 @@ class OutputLengthPredictor:
         mean_x, mean_y = self._xsum / n, self._ysum / n
         a = self._xtx - n * np.outer(mean_x, mean_x)
         a[np.diag_indices_from(a)] += self.config.ridge_lambda
-        self._coef = scipy.linalg.solve(a, self._xty - n * mean_x * mean_y, assume_a="pos")  # Cholesky
-        self._intercept = mean_y - mean_x @ self._coef
         self._since_refit = 0
+        return a, self._xty - n * mean_x * mean_y, mean_x, mean_y, n
+
+    @staticmethod
+    def _solve(a, b, mean_x, mean_y) -> tuple[np.ndarray, float]:
+        coef = scipy.linalg.solve(a, b, assume_a="pos", overwrite_a=True)  # Cholesky
+        return coef, float(mean_y - mean_x @ coef)
 
     def predict(self, text: str) -> float:
         """Expected output length of ``text`` in tokens."""
@@ -269,13 +320,32 @@ class OutputLengthPredictor:
         return share * knn + (1.0 - share) * ridge
 
 
-class AsyncPredictor:
+class PredictionQueue:
+    """The engine's non-blocking side of a threaded predictor: jobs go to ``_put`` (a worker's queue)."""
+
+    def submit(self, key: Hashable, prompt: object) -> None:
+        self._put(("predict", key, prompt, None))
+
+    def predict_async(self, prompt: object) -> Future:
+        """A future of the prediction (the fast tier's, for a tiered predictor)."""
+        future: Future = Future()
+        self._put(("predict", None, prompt, future))
+        return future
+
+    def observe(self, prompt: object, actual_len: float) -> None:
+        self._put(("observe", None, prompt, float(actual_len)))
+
+    def _put(self, job) -> None:
+        raise NotImplementedError
+
+
+class AsyncPredictor(PredictionQueue):
     """Runs an ``OutputLengthPredictor`` on one worker thread so callers never wait for it.
 
     ``submit(key, prompt)`` queues a prediction and returns at once; ``get(key, default)`` returns
     it when ready (else ``default``). ``observe(prompt, n)`` queues a finished request for online
     learning. ``predict_async(prompt)`` returns a ``concurrent.futures.Future``. Queued work is
-    done in batches of up to ``max_batch`` prompts (batched MiniLM is cheaper per prompt).
+    done in batches of up to ``max_batch`` prompts (batched encoding is cheaper per prompt).
     ``text_of`` turns whatever is submitted into text on the worker thread, e.g. detokenising
     prompt token ids. Results are kept for the latest ``max_results`` keys; ``forget(key)`` drops
     one early. Encoded prompts are cached by the predictor, so a repeated prompt is cheap.
@@ -293,17 +363,6 @@ class AsyncPredictor:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="length-predictor", daemon=True)
         self._thread.start()
-
-    def submit(self, key: Hashable, prompt: object) -> None:
-        self._put(("predict", key, prompt, None))
-
-    def predict_async(self, prompt: object) -> Future:
-        future: Future = Future()
-        self._put(("predict", None, prompt, future))
-        return future
-
-    def observe(self, prompt: object, actual_len: float) -> None:
-        self._put(("observe", None, prompt, float(actual_len)))
 
     def get(self, key: Hashable, default: float | None = None) -> float | None:
         with self._lock:

@@ -10,6 +10,8 @@ Peers behind one small interface (``name``, ``dim``, ``encode(texts)``), picked 
   sentence-transformers is imported, and nothing touches the engine's accelerator. ``layer``
   picks which hidden layer is pooled (6 = the published sentence embedding; the predictor uses
   5, which ranks output lengths better and skips the last layer's compute).
+* ``static``: MiniLM distilled into one vector per vocabulary token, averaged over the prompt
+  (``static_embedding``): a table lookup, far cheaper than ``minilm``, though it sees no context.
 * ``hashed``: signed feature hashing of word 1-2-grams, character 3-5-grams and "lead" tokens
   (the opening words of the prompt and of its last sentence, where the actual request usually
   is). No weights; well under a millisecond per prompt.
@@ -305,12 +307,18 @@ class TaskCueEncoder(_PerTextFeatures):
         )
 
 
-ENCODERS = {"minilm": MiniLMEncoder, "hashed": HashedNgramEncoder, "structure": StructureEncoder,
-            "cues": TaskCueEncoder}
+def _static_encoder(**kwargs) -> TextEncoder:
+    from scalellm_jax.engine.static_embedding import StaticMiniLMEncoder  # it imports this module
+
+    return StaticMiniLMEncoder(**kwargs)
+
+
+ENCODERS = {"minilm": MiniLMEncoder, "static": _static_encoder, "hashed": HashedNgramEncoder,
+            "structure": StructureEncoder, "cues": TaskCueEncoder}
 
 
 def make_encoder(name: str, **kwargs) -> TextEncoder:
-    """An encoder by name (``minilm``, ``hashed``, ``structure``, ``cues``); kwargs go to its constructor."""
+    """An encoder by name (``minilm``, ``static``, ``hashed``, ``structure``, ``cues``) built with ``kwargs``."""
     try:
         cls = ENCODERS[name]
     except KeyError:

