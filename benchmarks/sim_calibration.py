@@ -60,6 +60,20 @@ class StepTimes:
     swap_page_s: float
     meta: dict = dataclasses.field(default_factory=dict)
 
+    @property
+    def decode_buckets(self) -> tuple[int, ...]:
+        """The calibrated decode row buckets (for the policy's ``StepCostModel``)."""
+        return tuple(self.decode_s)
+
+    def with_seats(self, max_num_seqs: int | None) -> StepTimes:
+        """These times for fewer seats: decode buckets up to that are calibrated; mixed steps were timed
+        with the calibration's full row count (padding rows are nearly free in the ragged path)."""
+        if max_num_seqs is None:
+            return self
+        if not 1 <= max_num_seqs <= self.geometry.max_num_seqs:
+            raise ValueError(f"--max-num-seqs must be in [1, {self.geometry.max_num_seqs}] (the calibration's)")
+        return dataclasses.replace(self, geometry=dataclasses.replace(self.geometry, max_num_seqs=max_num_seqs))
+
     def step_s(self, out: SchedulerOutput) -> float:
         """Modeled seconds of the step ``out`` plans (its swaps included)."""
         if not out.scheduled:

@@ -1,10 +1,13 @@
 """One simulated run: requests replayed through the real Scheduler, policy and KVManager on a virtual clock.
 
-Nothing runs a model. Each step is ``schedule()``; the step's time comes from the calibrated
-``StepTimes`` and advances the virtual clock; every sampled row gets a fake non-EOS token; then
-``update()``. New requests join at step boundaries once their arrival time has passed, as in the
-engine loop. The modeled step times are also fed to the policy's ``StepCostModel`` exactly as
-``LLMEngine.step`` feeds measured ones, so ALISE's online cost calibration runs as it would live.
+Nothing runs a model. Each step is ``schedule()``; the step's time comes from the step-time model
+(the CPU-calibrated ``StepTimes``, or ``sim_device.DeviceSteps`` for a modelled GPU) and advances
+the virtual clock; every sampled row gets a fake token, EOS exactly when the request reaches its
+true length (requests do not ignore EOS and ask for as many tokens as fit, so only the oracle
+knows when they end); then ``update()``. New requests join at step boundaries once their arrival
+time has passed, as in the engine loop. The modeled step times are also fed to the policy's
+``StepCostModel`` exactly as ``LLMEngine.step`` feeds measured ones, so ALISE's online cost
+calibration runs as it would live.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from benchmarks.sim_calibration import StepTimes
-from benchmarks.sim_workload import SAMPLED_TOKEN
+from benchmarks.sim_workload import EOS_TOKEN, SAMPLED_TOKEN
 from scalellm_jax.engine.kv_manager import KVManager
 from scalellm_jax.engine.policies import AliseConfig, AlisePolicy, OracleLengths, Policy, make_policy
 from scalellm_jax.engine.request import Request
@@ -66,6 +69,8 @@ class RunResult:
     swap_outs: int
     # Output tokens per second while requests were still queued (only meaningful when all arrive at once).
     saturated_tokens_per_s: float | None
+    # Mean rows per step while requests were still queued: below the seats when KV pages bind.
+    saturated_rows: float | None = None
 
     @property
     def latency(self) -> np.ndarray:
@@ -77,8 +82,12 @@ class RunResult:
 
 
 def simulate(requests: list[Request], policy: Policy, costs: StepCostModel | None, times: StepTimes,
-             budget: KVBudget) -> RunResult:
-    """Replay ``requests`` (fresh, sorted or not) to completion; raises if the scheduler stalls."""
+             budget: KVBudget, true_lengths: dict[str, int] | None = None) -> RunResult:
+    """Replay ``requests`` (fresh, sorted or not) to completion; raises if the scheduler stalls.
+
+    ``true_lengths`` (request id → output tokens): the device samples EOS at that many tokens;
+    without it, requests run to ``max_tokens``. ``times``: ``StepTimes`` or ``DeviceSteps``.
+    """
     g = times.geometry
     clock = VirtualClock()
     kv = KVManager(budget.num_pages, g.page_size, g.max_pages_per_seq, num_host_pages=budget.num_host_pages)
@@ -89,8 +98,9 @@ def simulate(requests: list[Request], policy: Policy, costs: StepCostModel | Non
     index = {r.request_id: i for i, r in enumerate(pending)}
     first = np.full(len(pending), np.nan)
     finish = np.full(len(pending), np.nan)
-    nxt = steps = swap_outs = tokens = 0
-    saturated = None
+    nxt = steps = swap_outs = tokens = busy_steps = busy_rows = 0
+    saturated = saturated_rows = None
+    target = {r.request_id: true_lengths.get(r.request_id) for r in pending} if true_lengths else {}
     while nxt < len(pending) or sched.has_unfinished():
         while nxt < len(pending) and pending[nxt].arrival_time <= clock.now:
             sched.add_request(pending[nxt])
@@ -111,24 +121,36 @@ def simulate(requests: list[Request], policy: Policy, costs: StepCostModel | Non
             decode_rows = sum(1 for s in out.scheduled if s.num_new_tokens == 1)
             costs.observe(prefill_tokens=out.num_batched_tokens - decode_rows, decode_rows=decode_rows,
                           seconds=seconds)
-        sampled = {s.request_id: (SAMPLED_TOKEN, None) for s in out.scheduled if s.needs_sample}
-        for rid in sampled:
-            i = index[rid]
-            if np.isnan(first[i]):
-                first[i] = clock.now
+        sampled = {}
+        for s in out.scheduled:
+            if s.needs_sample:
+                rid = s.request_id
+                end = target.get(rid)
+                ends = end is not None and s.request.num_output_tokens + 1 >= end
+                sampled[rid] = (EOS_TOKEN if ends else SAMPLED_TOKEN, None)
+                i = index[rid]
+                if np.isnan(first[i]):
+                    first[i] = clock.now
         for request in sched.update(out, sampled):
             finish[index[request.request_id]] = clock.now
         tokens += len(sampled)
-        if saturated is None and sched.num_waiting == 0 and nxt == len(pending):
-            saturated = tokens / clock.now if clock.now > 0 else None
+        if saturated is None:
+            busy_steps += 1
+            busy_rows += len(out.scheduled)
+            if sched.num_waiting == 0 and nxt == len(pending):
+                saturated = tokens / clock.now if clock.now > 0 else None
+                saturated_rows = busy_rows / busy_steps
     kv.check_invariants()
     if kv.num_free_pages != kv.num_usable_pages:
         raise RuntimeError("KV pages leaked after every request finished")
+    wrong = [r.request_id for r in pending if target.get(r.request_id) not in (None, r.num_output_tokens)]
+    if wrong:
+        raise RuntimeError(f"requests {wrong[:4]} did not end at their true length")
     return RunResult(
         arrival=np.array([r.arrival_time for r in pending]), first_token=first, finish=finish,
         output_len=np.array([r.num_output_tokens for r in pending]), priority=np.array([r.priority for r in pending]),
         steps=steps, preemptions=sum(r.num_preemptions for r in pending), swap_outs=swap_outs,
-        saturated_tokens_per_s=saturated,
+        saturated_tokens_per_s=saturated, saturated_rows=saturated_rows,
     )
 
 

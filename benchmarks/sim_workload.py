@@ -1,9 +1,32 @@
 """Workloads for the scheduler simulator: dataset rows, the train/replay split, predicted lengths, arrivals.
 
-A row is one real request: its prompt (Mixtral token ids) and the number of tokens the model really
-answered with. The output-length predictor is trained on one part of the rows and predicts the
-other part, which is replayed; predictions are computed once up front (in a simulation nothing is
-gained by predicting on a worker thread, and a fixed prediction per prompt keeps runs comparable).
+A row is one request: its prompt (Mixtral token ids) and the number of tokens its answer has.
+
+``alpaca`` (``../shared/data/alpaca_eval_mixtral_8x7b_instruct.jsonl``, or any JSONL with
+``instruction`` and ``output``): the answer lengths are real (Mixtral's own answers, in Mixtral
+tokens). The output-length predictor is trained on one part of the rows and predicts the other
+part, which is replayed; predictions are computed once up front (in a simulation nothing is gained
+by predicting on a worker thread, and a fixed prediction per prompt keeps runs comparable).
+
+``sharegpt`` (``../shared/data/sharegpt_first_prompts.json``, or any JSON list of ``{"prompt"}``):
+the real ShareGPT first user turns (long-tailed prompt lengths) with *synthetic* answer lengths
+(the file has no answers), drawn per row from a log-normal (``HeavyTailedLengths``): mean
+337.99 tokens, the ShareGPT mean output length reported by the vLLM paper (Kwon et al., "Efficient
+Memory Management for Large Language Model Serving with PagedAttention", SOSP 2023, section 6.1:
+ShareGPT has 161.31 input and 337.99 output tokens on average), and log-standard-deviation
+``sigma`` = 1.0, an assumption that gives the long tail that paper's figure 11 shows (median 205,
+p90 740, p99 2100 tokens); clipped to [1, 4095]. Seeded by ``--seed``: the same seed gives the same
+lengths. A text predictor cannot learn lengths that are not in the text, so every policy that
+needs predictions gets *noisy oracle* predictions instead (``noisy_predictions``): a calibrated
+predictor's answer (shrunk toward the mean, as a regression on log length answers) from the true
+length blurred by log-normal noise whose sigma makes Kendall's tau between prediction and truth equal
+``--prediction-tau`` (default 0.45: the cross-validated tau of the project's MiniLM predictor on
+AlpacaEval, ``benchmarks/results/predictor-20261202-191437.json``).
+
+Every request asks for as many tokens as fit (``max_tokens`` = ``max_model_len`` − prompt, as a
+client that sets none gets) and does not ignore EOS: the simulated device samples EOS exactly when
+the request reaches its true length (``sim_replay``). So no policy sees the true length but the
+oracle.
 """
 
 from __future__ import annotations
@@ -17,8 +40,31 @@ import numpy as np
 from scalellm_jax.engine.policies import OracleLengths
 from scalellm_jax.engine.request import Request, SamplingParams, clamp_max_tokens
 
-SAMPLED_TOKEN = 11  # what the fake device "samples": any id that is not EOS (requests ignore EOS anyway)
+SAMPLED_TOKEN = 11  # what the fake device samples before a request's last token: any id that is not EOS
 EOS_TOKEN = 2
+DATASETS = ("alpaca", "sharegpt")
+DEFAULT_PREDICTION_TAU = 0.45  # the MiniLM predictor's 5-fold CV tau on AlpacaEval (see the module docstring)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeavyTailedLengths:
+    """Synthetic answer lengths: log-normal with this mean and log-sd, clipped (see the module docstring)."""
+
+    mean: float = 337.99  # vLLM paper (SOSP 2023), ShareGPT mean output tokens
+    sigma: float = 1.0  # assumed
+    max_len: int = 4095
+
+    def draw(self, n: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, 0x5A4E])  # its own stream: independent of arrivals and splits
+        mu = np.log(self.mean) - self.sigma**2 / 2
+        return np.clip(np.rint(rng.lognormal(mu, self.sigma, n)), 1, self.max_len).astype(np.int64)
+
+    def describe(self) -> dict:
+        return {"distribution": "lognormal", "mean_tokens": self.mean, "sigma": self.sigma,
+                "median_tokens": float(self.mean * np.exp(-self.sigma**2 / 2)), "clip": [1, self.max_len],
+                "source": "mean: ShareGPT mean output length 337.99 tokens (Kwon et al., vLLM/PagedAttention, "
+                          "SOSP 2023, section 6.1); sigma 1.0: assumed (a long tail like that paper's figure 11)",
+                "seeded_by": "--seed"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +90,50 @@ def load_rows(path: pathlib.Path, tokenizer, max_prompt_len: int | None = None) 
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+def load_prompt_rows(path: pathlib.Path, tokenizer, lengths: HeavyTailedLengths, seed: int,
+                     max_prompt_len: int | None = None) -> list[Row]:
+    """Rows of a JSON list of ``{"prompt"}`` (ShareGPT first turns) with synthetic answer lengths."""
+    records = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str)
+                                                for r in records):
+        raise ValueError(f"{path}: needs a JSON list of objects with a string field 'prompt'")
+    if not records:
+        raise ValueError(f"{path}: no rows")
+    drawn = lengths.draw(len(records), seed)
+    return [Row(r["prompt"], tuple(tokenizer.encode(r["prompt"])[:max_prompt_len]), int(n))
+            for r, n in zip(records, drawn, strict=True)]
+
+
+def kendall_tau(a, b) -> float:
+    from scipy.stats import kendalltau
+
+    return float(kendalltau(a, b).statistic)
+
+
+def noisy_predictions(true_lengths, tau: float, seed: int) -> tuple[np.ndarray, float, float]:
+    """Predictions of ``true_lengths`` from a calibrated predictor whose Kendall tau with the truth is ``tau``.
+
+    The predictor sees a noisy signal ``x = log(true) + sigma z`` (``z`` ~ N(0, 1) per row) and, like a
+    regression on log length (the project's predictor), answers with the conditional mean of
+    ``log(true)`` given ``x`` for log-normal lengths: ``m + s²/(s² + sigma²) (x − m)``, shrunk toward
+    the rows' log-mean ``m`` (log-sd ``s``); the prediction is its exp. For jointly normal variables
+    Kendall's tau is ``2/pi asin(rho)`` with ``rho = s / sqrt(s² + sigma²)``, so
+    ``sigma = s sqrt(1/rho² − 1)`` with ``rho = sin(pi tau / 2)`` (the shrinkage leaves the order, and
+    so tau, alone). Returns (predictions, sigma, the tau measured on these rows).
+    """
+    if not 0 < tau <= 1:
+        raise ValueError(f"--prediction-tau must be in (0, 1], got {tau}")
+    log_true = np.log(np.asarray(true_lengths, dtype=float))
+    m, s = float(log_true.mean()), float(log_true.std())
+    rho = np.sin(np.pi * tau / 2)
+    sigma = float(s * np.sqrt(max(1 / rho**2 - 1, 0.0)))
+    z = np.random.default_rng([seed, 0x7A0]).standard_normal(log_true.size)
+    signal = log_true + sigma * z
+    shrink = s**2 / (s**2 + sigma**2) if s > 0 else 1.0
+    predictions = np.exp(m + shrink * (signal - m))
+    return predictions, sigma, kendall_tau(predictions, log_true)
 
 
 def split_rows(rows: list[Row], train_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
@@ -85,17 +175,41 @@ def make_stream(num_rows: int, num_requests: int, priority_fraction: float, seed
 
 
 def build_requests(stream: Stream, rows: list[Row], rate: float | None, max_model_len: int) -> list[Request]:
-    """Fresh ``Request`` objects for one run; ``rate=None`` puts every arrival at t=0 (saturation)."""
+    """Requests that run exactly their row's length by ``max_tokens`` and ``ignore_eos`` (the real-engine
+    check, ``scheduler_engine_check``, whose random-weight model never ends on its own). ``max_tokens``
+    tells every policy the true length: the simulator uses ``build_sim_requests`` instead."""
     arrivals = np.zeros(len(stream)) if rate is None else stream.unit_arrivals / rate
     requests = []
     for i, (row_i, priority, arrival) in enumerate(zip(stream.row_index, stream.priority, arrivals, strict=True)):
         row = rows[row_i]
-        # Greedy, as in the calibration (random sampling adds per-step work on CPU).
         params = clamp_max_tokens(SamplingParams(max_tokens=row.output_len, ignore_eos=True, temperature=0.0),
                                   len(row.prompt_ids), max_model_len)
         requests.append(Request(request_id=f"r{i:05d}", prompt_token_ids=list(row.prompt_ids), sampling_params=params,
                                 arrival_time=float(arrival), priority=int(priority), eos_token_id=EOS_TOKEN))
     return requests
+
+
+def build_sim_requests(stream: Stream, rows: list[Row], rate: float | None,
+                       max_model_len: int) -> tuple[list[Request], dict[str, int]]:
+    """Fresh ``Request`` objects for one run and their true output lengths by request id (what the
+    simulated device ends them at); ``rate=None`` puts every arrival at t=0 (saturation).
+
+    ``max_tokens`` is the room left in the context, never the true length (which only the oracle
+    and the simulated device see); a true length past that room ends at the room, as it would live.
+    """
+    arrivals = np.zeros(len(stream)) if rate is None else stream.unit_arrivals / rate
+    requests, true = [], {}
+    for i, (row_i, priority, arrival) in enumerate(zip(stream.row_index, stream.priority, arrivals, strict=True)):
+        row = rows[row_i]
+        room = max_model_len - len(row.prompt_ids)
+        # Greedy, as in the calibration (random sampling adds per-step work on CPU).
+        params = clamp_max_tokens(SamplingParams(max_tokens=room, ignore_eos=False, temperature=0.0),
+                                  len(row.prompt_ids), max_model_len)
+        rid = f"r{i:05d}"
+        requests.append(Request(request_id=rid, prompt_token_ids=list(row.prompt_ids), sampling_params=params,
+                                arrival_time=float(arrival), priority=int(priority), eos_token_id=EOS_TOKEN))
+        true[rid] = min(row.output_len, room)
+    return requests, true
 
 
 class FixedLengths(OracleLengths):
@@ -105,11 +219,15 @@ class FixedLengths(OracleLengths):
     """
 
 
+def predicted_table(requests: list[Request], stream: Stream, predictions: np.ndarray) -> dict[str, float]:
+    """Predicted output lengths by request id, for ``FixedLengths``."""
+    return {r.request_id: float(predictions[i]) for r, i in zip(requests, stream.row_index, strict=True)}
+
+
 def length_tables(requests: list[Request], stream: Stream, predictions: np.ndarray) -> tuple[dict, dict]:
-    """(predicted, true) output lengths by request id, for ``FixedLengths`` and ``OracleLengths``."""
-    predicted = {r.request_id: float(predictions[i]) for r, i in zip(requests, stream.row_index, strict=True)}
-    true = {r.request_id: r.sampling_params.max_tokens for r in requests}
-    return predicted, true
+    """(predicted, max_tokens) by request id for ``build_requests``'s requests (the real-engine check)."""
+    return predicted_table(requests, stream, predictions), {r.request_id: r.sampling_params.max_tokens
+                                                           for r in requests}
 
 
 def train_predictor(train: list[Row], fast: bool):

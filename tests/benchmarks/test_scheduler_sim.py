@@ -42,20 +42,26 @@ def calibration(tmp_path):
 def test_cli_rows_and_alise_beats_fcfs_on_skewed_load(tmp_path, skewed_dataset, calibration, capsys):
     out, png = tmp_path / "result.json", tmp_path / "plot.png"
     argv = ["--dataset", str(skewed_dataset), "--calibration", str(calibration), "--json", "--fast-predictor",
-            "--num-requests", "80", "--seeds", "1", "--loads", "0.5,0.9", "--out", str(out), "--plot", str(png)]
+            "--num-requests", "80", "--seeds", "1", "--loads", "0.5,1.0", "--out", str(out), "--plot", str(png)]
     assert sim.main(argv) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["policy"] for r in rows} == set(sim.POLICIES) and {r["load"] for r in rows} == {0.5, 0.9}
+    slo = [r for r in rows if r["load"] == "slo"]
+    rows = [r for r in rows if r["load"] != "slo"]
+    assert {r["policy"] for r in rows} == set(sim.POLICIES) and {r["load"] for r in rows} == {0.5, 1.0}
+    assert [r["policy"] for r in slo] == list(sim.POLICIES)
+    for row in slo:
+        assert set(sim.ROW_KEYS) | set(sim.SLO_ROW_KEYS) <= set(row)
     for row in rows:
         assert set(row) == set(sim.ROW_KEYS)
         assert row["mean_latency_s"] > 0 and row["p99_latency_s"] >= row["p50_latency_s"] > 0
         assert row["throughput_rps"] > 0 and row["mean_normalized_latency_s"] > 0
     at = {(r["policy"], r["load"]): r for r in rows}
-    assert at[("alise", 0.9)]["mean_latency_s"] < 0.9 * at[("fcfs", 0.9)]["mean_latency_s"]
-    assert at[("oracle", 0.9)]["mean_latency_s"] < at[("fcfs", 0.9)]["mean_latency_s"]
+    assert at[("alise", 1.0)]["mean_latency_s"] < 0.9 * at[("fcfs", 1.0)]["mean_latency_s"]
+    assert at[("oracle", 1.0)]["mean_latency_s"] < at[("fcfs", 1.0)]["mean_latency_s"]
     result = json.loads(out.read_text())
     assert result["capacity"]["capacity_rps"] > 0 and len(result["rows"]) == len(rows)
-    assert result["analysis"]["mean_ratio"] < 1
+    assert result["analysis"]["alise_over_fcfs"]["mean_ratio"] < 1
+    assert result["workload"]["predictions"]["kind"] == "trained predictor"
     assert png.is_file() or result["plot"] is None
 
 
