@@ -189,10 +189,11 @@ def build_requests(stream: Stream, rows: list[Row], rate: float | None, max_mode
     return requests
 
 
-def build_sim_requests(stream: Stream, rows: list[Row], rate: float | None,
-                       max_model_len: int) -> tuple[list[Request], dict[str, int]]:
+def build_sim_requests(stream: Stream, rows: list[Row], rate: float | None, max_model_len: int,
+                       id_prefix: str = "r") -> tuple[list[Request], dict[str, int]]:
     """Fresh ``Request`` objects for one run and their true output lengths by request id (what the
-    simulated device ends them at); ``rate=None`` puts every arrival at t=0 (saturation).
+    simulated device ends them at); ``rate=None`` puts every arrival at t=0 (saturation). Request ids
+    are ``id_prefix`` and the request's index.
 
     ``max_tokens`` is the room left in the context, never the true length (which only the oracle
     and the simulated device see); a true length past that room ends at the room, as it would live.
@@ -205,7 +206,7 @@ def build_sim_requests(stream: Stream, rows: list[Row], rate: float | None,
         # Greedy, as in the calibration (random sampling adds per-step work on CPU).
         params = clamp_max_tokens(SamplingParams(max_tokens=room, ignore_eos=False, temperature=0.0),
                                   len(row.prompt_ids), max_model_len)
-        rid = f"r{i:05d}"
+        rid = f"{id_prefix}{i:05d}"
         requests.append(Request(request_id=rid, prompt_token_ids=list(row.prompt_ids), sampling_params=params,
                                 arrival_time=float(arrival), priority=int(priority), eos_token_id=EOS_TOKEN))
         true[rid] = min(row.output_len, room)

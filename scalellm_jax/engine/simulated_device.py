@@ -50,6 +50,10 @@ class SimulatedDevice:
     tp: int = 1
     ep: int = 1
     lengths: dict = dataclasses.field(default_factory=dict, repr=False)  # prompt ids (tuple) -> answer tokens
+    # request id -> answer tokens, before ``lengths``: for a benchmark that gives each request its own
+    # length (two requests with one prompt may differ). Read when a request first samples; may be
+    # updated between runs (new requests need new ids: a request's length is remembered by id).
+    lengths_by_request: dict = dataclasses.field(default_factory=dict, repr=False)
     lengths_path: str | None = None
     seed: int = 0
 
@@ -149,6 +153,7 @@ class SimulatedRunner:
         self._busy_until = 0.0  # perf_counter time the simulated device finishes its queued work
         self._pending_swap_s = 0.0
         self.num_steps = 0
+        self.num_swap_outs = 0  # requests whose KV went to host memory (as ``KVSwapper.num_swap_outs``)
         self.busy_s = 0.0  # modelled device time so far
 
     def swap_page_bytes(self, compression: str = "none") -> int:
@@ -161,7 +166,9 @@ class SimulatedRunner:
         if rid in self._targets:
             self._targets.move_to_end(rid)
             return self._targets[rid]
-        target = self.device.lengths.get(tuple(request.prompt_token_ids)) if self.device.lengths else None
+        target = self.device.lengths_by_request.get(rid)
+        if target is None and self.device.lengths:
+            target = self.device.lengths.get(tuple(request.prompt_token_ids))
         self._targets[rid] = target
         while len(self._targets) > 8 * self.max_num_seqs:  # entries are re-derivable: a small LRU suffices
             self._targets.popitem(last=False)
@@ -205,6 +212,7 @@ class SimulatedRunner:
     def swap(self, swap_out: list[SwapOp], swap_in: list[SwapOp]) -> None:
         if (swap_out or swap_in) and self.swap_compression is None:
             raise RuntimeError("the scheduler planned a swap but this runner has no swap space")
+        self.num_swap_outs += len(swap_out)
         pages = sum(len(op.pages) for op in (*swap_out, *swap_in))
         if pages:  # copies on the device's queue, before the step that needs them
             self._pending_swap_s += self.cost.swap_s(pages * self._page_bytes[self.swap_compression])
