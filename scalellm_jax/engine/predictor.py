@@ -335,8 +335,24 @@ class PredictionQueue:
     def observe(self, prompt: object, actual_len: float) -> None:
         self._put(("observe", None, prompt, float(actual_len)))
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _put(self, job) -> None:
         raise NotImplementedError
+
+    def close(self, wait: bool = True) -> None:
+        raise NotImplementedError
+
+    def _next_batch(self) -> tuple[list, bool]:
+        """Wait for a job on ``_queue``, take up to ``_max_batch`` queued; (jobs, whether close's None was one)."""
+        jobs = [self._queue.get()]
+        while len(jobs) < self._max_batch and not self._queue.empty():
+            jobs.append(self._queue.get())
+        return [job for job in jobs if job is not None], None in jobs
 
 
 class AsyncPredictor(PredictionQueue):
@@ -380,12 +396,6 @@ class AsyncPredictor(PredictionQueue):
         if wait:
             self._thread.join()
 
-    def __enter__(self) -> AsyncPredictor:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def _put(self, job) -> None:
         if self._closed:
             raise RuntimeError("AsyncPredictor is closed")
@@ -393,11 +403,7 @@ class AsyncPredictor(PredictionQueue):
 
     def _run(self) -> None:
         while True:
-            jobs = [self._queue.get()]
-            while len(jobs) < self._max_batch and not self._queue.empty():
-                jobs.append(self._queue.get())
-            stop = None in jobs
-            jobs = [job for job in jobs if job is not None]
+            jobs, stop = self._next_batch()
             try:
                 self._process([j for j in jobs if j[0] == "observe"], [j for j in jobs if j[0] == "predict"])
             except Exception as exc:  # the worker must survive one bad batch

@@ -183,12 +183,6 @@ class TieredPredictor(PredictionQueue):
             if self._slow_thread is not None:
                 self._slow_thread.join()
 
-    def __enter__(self) -> TieredPredictor:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def _put(self, job) -> None:
         with self._cv:
             if self._closed:
@@ -200,11 +194,7 @@ class TieredPredictor(PredictionQueue):
 
     def _run_fast(self) -> None:
         while True:
-            jobs = [self._queue.get()]
-            while len(jobs) < self._max_batch and not self._queue.empty():
-                jobs.append(self._queue.get())
-            stop = None in jobs
-            jobs = [job for job in jobs if job is not None]
+            jobs, stop = self._next_batch()
             try:
                 self._fast_batch(jobs)
             except Exception as exc:  # the worker must survive one bad batch
