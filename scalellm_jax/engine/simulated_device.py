@@ -174,14 +174,11 @@ class SimulatedRunner:
             self._targets.popitem(last=False)
         return target
 
-    def _sample(self, s: ScheduledRequest) -> int:
-        request = s.request
+    def _ends(self, request) -> bool:
+        """Whether the request's next token is its last (EOS at its workload answer length)."""
         target = self._target(request)
-        ends = target is not None and request.num_output_tokens + 1 >= target
-        if ends and self._eos is not None and not request.sampling_params.ignore_eos:
-            return self._eos
-        token = int(self._rng.integers(self._low, self._vocab))
-        return token if token != self._eos else self._low
+        return (target is not None and request.num_output_tokens + 1 >= target and self._eos is not None
+                and not request.sampling_params.ignore_eos)
 
     def prepare(self, scheduled: list[ScheduledRequest], kv) -> SimulatedStep:
         num_tokens = sum(s.num_new_tokens for s in scheduled)
@@ -190,7 +187,16 @@ class SimulatedRunner:
                   else bucket_for(num_tokens, self.token_buckets))
         rows = [(s.num_new_tokens, s.end) for s in scheduled]
         work = StepWork.of_rows(rows, num_sampled=sum(s.needs_sample for s in scheduled), padded_tokens=padded)
-        tokens = np.array([self._sample(s) if s.needs_sample else 0 for s in scheduled], np.int32)
+        # One draw for the whole batch: a GPU host samples on the device, so per-row host work would
+        # charge the simulated engine CPU the real one does not spend.
+        tokens = self._rng.integers(self._low, self._vocab, size=len(scheduled)).astype(np.int32)
+        if self._eos is not None:
+            tokens[tokens == self._eos] = self._low
+        for i, s in enumerate(scheduled):
+            if not s.needs_sample:
+                tokens[i] = 0
+            elif self._ends(s.request):
+                tokens[i] = self._eos
         return SimulatedStep(work, tokens, decode_only)
 
     # ------------------------------------------------------------------ device side
