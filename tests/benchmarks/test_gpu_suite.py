@@ -84,6 +84,32 @@ def test_compile_times_come_from_the_compile_check(tmp_path):
     assert gpu_estimate.compile_times("none") == gpu_estimate.FALLBACK
 
 
+
+def test_default_compile_times_take_each_program_at_its_fastest_compile(tmp_path, monkeypatch):
+    """A compile check made on a busy host must not inflate the estimate: each of the newest check's programs
+    counts at its fastest compile among the checks made with the same jax; other jax versions and programs the
+    newest check no longer compiles are left out."""
+    f = gpu_estimate.DEVICELESS_FACTOR
+
+    def check(name, jax, rows):
+        (tmp_path / f"gpu_compile_check-{name}.json").write_text(json.dumps({"jax": jax, "rows": rows}))
+
+    check("jax0.10.2-20990101-000000", "0.10.2", [{"program": "a", "group": "kernel", "compile_s": 0.5}])
+    check("jax0.11.2-20990102-000000", "0.11.2", [
+        {"program": "a", "group": "kernel", "compile_s": 2.0},
+        {"program": "b", "group": "kernel", "compile_s": 3.0},
+        {"program": "dropped", "group": "kernel", "compile_s": 9.0},
+        {"program": "decode step", "group": "engine_full", "compile_s": 20.0}])
+    check("jax0.11.2-20990103-000000", "0.11.2", [  # the newest, on a busy host
+        {"program": "a", "group": "kernel", "compile_s": 7.0},
+        {"program": "b", "group": "kernel", "compile_s": 2.5},
+        {"program": "decode step", "group": "engine_full", "compile_s": 40.0}])
+    monkeypatch.setattr(gpu_estimate, "RESULTS", tmp_path)
+    times = gpu_estimate.compile_times()
+    assert times["kernel_compile_s"][0] == pytest.approx(2.5 * f)  # max(min(2, 7), min(3, 2.5))
+    assert times["decode_compile_s"][0] == pytest.approx(20.0 * f)
+    assert "fastest of 2 compile checks with jax 0.11.2" in times["kernel_compile_s"][1]
+
 # ---------------------------------------------------------------------------------------------- deadline
 
 
