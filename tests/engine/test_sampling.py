@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scalellm_jax.engine.sampling import first_argmax, row_keys, sample, token_logprobs
+from scalellm_jax.engine.sampling import filter_thresholds, first_argmax, row_keys, sample, token_logprobs
 
 
 def draw(logits, seeds, steps, temperature, top_k, top_p):
@@ -86,3 +86,59 @@ def test_first_argmax_matches_argmax_with_ties_and_stays_in_range_on_nan(vocab):
     got = np.asarray(first_argmax(jnp.asarray(x)))
     assert got.dtype == np.int32
     assert ((0 <= got[[4, 8]]) & (got[[4, 8]] < vocab)).all()
+
+
+# ---------------------------------------------------------------------------------------------- top-k / top-p
+
+
+def reference_thresholds(scaled: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray:
+    """The definition, by sorting each row: the smallest logit kept by top-k (the k-th largest, ties kept), then
+    by top-p over the renormalised top-k (tokens kept while the mass strictly above them is below top_p)."""
+    out = np.empty(len(scaled), np.float32)
+    for i, row in enumerate(scaled.astype(np.float64)):
+        desc = np.sort(row)[::-1]
+        k = len(row) if top_k[i] <= 0 else min(top_k[i], len(row))
+        t_k = desc[k - 1] if k < len(row) else -np.inf
+        kept = desc[desc >= t_k]
+        if top_p[i] >= 1:
+            out[i] = t_k
+            continue
+        probs = np.exp(kept - kept[0])
+        probs /= probs.sum()
+        above = {v: probs[kept > v].sum() for v in np.unique(kept)}
+        out[i] = min(v for v in above if above[v] < top_p[i])
+    return out
+
+
+def _logits(rng, rows, vocab, kind):
+    if kind == "flat":  # a random-weight model: top-p reaches deep into the vocabulary
+        return rng.standard_normal((rows, vocab)).astype(np.float32)
+    # language-model-like: a few likely tokens over a long tail, the peakedness varying by row
+    rank_logits = -rng.uniform(0.5, 3.0, (rows, 1)) * np.log1p(np.arange(vocab))[None, :]
+    return np.stack([rng.permutation(r) for r in rank_logits + 0.3 * rng.standard_normal((rows, vocab))]
+                    ).astype(np.float32)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 64, 65, 300, 4099])
+@pytest.mark.parametrize("kind", ["flat", "peaked"])
+def test_filter_thresholds_match_the_sorted_definition(vocab, kind):
+    rng = np.random.default_rng()
+    rows = 24
+    x = _logits(rng, rows, vocab, kind)
+    x[3, : vocab // 2] = -np.inf  # masked tokens (a padded vocabulary)
+    top_k = rng.choice([0, -1, 1, 2, 40, 64, 65, 200, vocab, vocab + 5], rows)
+    top_p = rng.choice([1.0, 0.999, 0.95, 0.9, 0.5, 0.1, 1e-6], rows).astype(np.float32)
+    top_k[:4], top_p[:4] = [0, 100, 0, 70], [0.9, 1.0, 0.99, 0.95]  # candidates too few on flat rows
+    got = np.asarray(filter_thresholds(jnp.asarray(x), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p)))
+    want = reference_thresholds(x, top_k, top_p)
+    for i in np.flatnonzero(got != want):  # allowed only where float rounding decides: a mass right at top_p
+        row = x[i].astype(np.float64)
+        kept = row[row >= reference_thresholds(x[i : i + 1], top_k[i : i + 1], np.ones(1))[0]]
+        probs = np.exp(kept - kept.max()) / np.exp(kept - kept.max()).sum()
+        assert top_p[i] < 1 and abs(probs[kept > min(got[i], want[i])].sum() - top_p[i]) < 1e-5, (i, got[i], want[i])
+
+
+def test_filter_thresholds_keep_ties_and_the_top_token():
+    x = np.array([[3.0, 1.0, 3.0, 1.0, 1.0, 0.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]], np.float32)
+    got = np.asarray(filter_thresholds(jnp.asarray(x), jnp.asarray([2, 3], jnp.int32), jnp.asarray([1.0, 1e-6])))
+    np.testing.assert_array_equal(got, [3.0, 5.0])  # the 2nd largest is a tie with the 1st; a flat row keeps all
