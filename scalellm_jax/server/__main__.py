@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -99,9 +100,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "tokens since the last, which lowers per-token overhead at high concurrency")
     parser.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"],
                         help="auto: uvloop when installed")
+    parser.add_argument("--allowed-origins", type=_origins, default=(), metavar="ORIGINS",
+                        help="browser origins allowed to call the API (CORS): comma-separated or a JSON list "
+                             "(vLLM's form), '*' for any; default none")
+    parser.add_argument("--allow-credentials", action="store_true",
+                        help="CORS requests may carry cookies or HTTP authentication")
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {exc}") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise argparse.ArgumentTypeError("a JSON list of strings, e.g. '[\"https://example.com\"]'")
+        return tuple(value)
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -132,7 +150,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     name = args.served_model_name or (Path(args.model).name if args.model else DEMO_MODEL_NAME)
     try:
         return ServerConfig(model_name=name, api_key=args.api_key, max_queued_requests=args.max_queued_requests,
-                            stream_interval_s=args.stream_interval_ms / 1e3, simulated_device=args.simulate_device)
+                            stream_interval_s=args.stream_interval_ms / 1e3, simulated_device=args.simulate_device,
+                            allowed_origins=args.allowed_origins, allow_credentials=args.allow_credentials)
     except ValueError as exc:
         field = str(exc).split(" ", 1)[0]
         flag = "--stream-interval-ms" if field == "stream_interval_s" else "--" + field.replace("_", "-")

@@ -10,6 +10,7 @@ requests, so their KV pages are freed at the engine's next step.
 from __future__ import annotations
 
 import hmac
+import importlib.metadata
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,10 @@ from scalellm_jax.server.metrics import CONTENT_TYPE, ServerMetrics
 from scalellm_jax.server.openapi import openapi_document
 
 logger = logging.getLogger(__name__)
+try:
+    _VERSION = importlib.metadata.version("scalellm-jax")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    _VERSION = "0+unknown"
 
 
 class ServerState:
@@ -58,6 +63,27 @@ class ServerState:
         return self.generator
 
 
+class _OncePerName:
+    """One warning per unknown field name (vLLM's behaviour), for at most ``limit`` names: a client that
+    sends made-up names cannot flood the log or grow this set without bound."""
+
+    def __init__(self, limit: int = 100):
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def warn(self, name: str, path: str) -> None:
+        if name in self._seen or len(self._seen) > self._limit:
+            return
+        self._seen.add(name)
+        if len(self._seen) > self._limit:
+            logger.warning("more than %d unknown request fields seen; no more are logged", self._limit)
+        else:
+            logger.warning("ignoring unknown field %r in a request to %s (this server does not know it)",
+                           name[:100], path)
+
+
+_UNKNOWN_FIELDS = _OncePerName()
+
 STATE = web.AppKey("scalellm_state", ServerState)
 OPENAPI = web.AppKey("scalellm_openapi", dict)
 
@@ -73,11 +99,29 @@ def create_app(config: ServerConfig, served: ServedModel | None = None) -> web.A
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model_id:.+}", _model)
+    app.router.add_post("/tokenize", _tokenize)
+    app.router.add_post("/detokenize", _detokenize)
+    app.router.add_get("/version", _version)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/openapi.json", _openapi)
     app.on_cleanup.append(_cleanup)
+    if config.allowed_origins:
+        _enable_cors(app, config)
     return app
+
+
+def _enable_cors(app: web.Application, config: ServerConfig) -> None:
+    """CORS on every route for the configured origins (preflight answered by aiohttp-cors): a browser app on
+    one of them may call the API, and read its errors too."""
+    import aiohttp_cors
+
+    options = aiohttp_cors.ResourceOptions(allow_credentials=config.allow_credentials, expose_headers="*",
+                                           allow_headers="*", allow_methods="*", max_age=600)
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in config.allowed_origins})
+    for route in list(app.router.routes()):
+        cors.add(route)
 
 
 def _json(body: dict, status: int = 200) -> web.Response:
@@ -110,14 +154,19 @@ async def _errors_middleware(request: web.Request, handler):
         return APIError(500, f"internal error: {exc!r}").response()
 
 
+_GUARDED = ("/v1/", "/tokenize", "/detokenize")
+
+
 def _auth_middleware(api_key: str | None):
-    expected = None if api_key is None else f"Bearer {api_key}".encode()
+    expected = None if api_key is None else api_key.encode()
 
     @web.middleware
     async def check(request: web.Request, handler):
-        if expected is not None and request.path.startswith("/v1/"):
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):  # constant time: no key-guessing by timing
+        # A CORS preflight (OPTIONS) never carries credentials: browsers send them with the request that follows.
+        if expected is not None and request.path.startswith(_GUARDED) and request.method != "OPTIONS":
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            # constant time (no key-guessing by timing); the scheme's name is case-insensitive (RFC 9110)
+            if not (hmac.compare_digest(token.strip().encode(), expected) & (scheme.lower() == "bearer")):
                 raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                                headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
@@ -138,11 +187,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, schema, chat: bool) -> web.StreamResponse:
     arrival = time.monotonic()
-    body = await request.read()
-    try:
-        req = schema.model_validate_json(body)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
+    req = await _parse(request, schema)
     generator = request.app[STATE].live_generator()
     generator.check_model(req)
     with generator.admit(req.num_engine_requests()):
@@ -156,6 +201,56 @@ async def _models(request: web.Request) -> web.Response:
                               simulated_device=served.simulated_device)
     body = protocol.ModelList(data=[card]).model_dump_json(exclude_none=True)
     return web.Response(body=body, content_type="application/json")
+
+
+async def _model(request: web.Request) -> web.Response:
+    served = request.app[STATE].live_generator().served
+    model_id = request.match_info["model_id"]
+    if model_id != served.name:
+        raise APIError(404, f"model: unknown model {model_id!r}; this server serves {served.name!r}", param="model")
+    card = protocol.ModelCard(id=served.name, created=served.created, max_model_len=served.max_model_len,
+                              simulated_device=served.simulated_device)
+    return web.Response(body=card.model_dump_json(exclude_none=True), content_type="application/json")
+
+
+async def _parse(request: web.Request, schema):
+    try:
+        req = schema.model_validate_json(await request.read())
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+    unimplemented = req.unimplemented_field()
+    if unimplemented is not None:
+        raise APIError(400, unimplemented[1], param=unimplemented[0])
+    for name in req.unknown_fields():
+        _UNKNOWN_FIELDS.warn(name, request.path)
+    return req
+
+
+async def _tokenize(request: web.Request) -> web.Response:
+    """vLLM's ``/tokenize``: the ids a completion's prompt (or chat messages) would become."""
+    req = await _parse(request, protocol.TokenizeRequest)
+    generator = request.app[STATE].live_generator()
+    if req.model is not None:
+        generator.check_model(req)
+    ids = await generator.tokenize(req)
+    strs = [generator.served.tokenizer.decode([t]) for t in ids] if req.return_token_strs else None
+    body = protocol.TokenizeResponse(count=len(ids), max_model_len=generator.served.max_model_len, tokens=ids,
+                                     token_strs=strs)
+    return web.Response(body=body.model_dump_json(), content_type="application/json")
+
+
+async def _detokenize(request: web.Request) -> web.Response:
+    req = await _parse(request, protocol.DetokenizeRequest)
+    generator = request.app[STATE].live_generator()
+    if req.model is not None:
+        generator.check_model(req)
+    text = await generator.detokenize(req.tokens)
+    return web.Response(body=protocol.DetokenizeResponse(prompt=text).model_dump_json(),
+                        content_type="application/json")
+
+
+async def _version(request: web.Request) -> web.Response:
+    return _json({"version": _VERSION})
 
 
 async def _health(request: web.Request) -> web.Response:

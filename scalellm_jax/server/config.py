@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+
+_ORIGIN = re.compile(r"https?://[^/\s:]+(:\d{1,5})?")
 
 # `python -m scalellm_jax.server` without --model: the `tiny` Mixtral-architecture preset with random
 # weights (seed 0) and the real Mixtral tokenizer. Its output is gibberish; every stage is real.
@@ -27,8 +30,16 @@ class ServerConfig:
     stream_interval_s: float = 0.0
     tokenizer_threads: int = 2
     simulated_device: str | None = None  # said in /v1/models and /metrics: the outputs are not a model's
+    # Browser origins allowed to call the API (CORS); none by default, "*" for any.
+    allowed_origins: tuple[str, ...] = ()
+    allow_credentials: bool = False  # CORS requests may carry cookies / HTTP auth (the origin is then echoed)
 
     def __post_init__(self):
+        for origin in self.allowed_origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"allowed_origins: {origin!r} is not '*' or an origin like https://example.com[:port]")
+        if self.allow_credentials and not self.allowed_origins:
+            raise ValueError("allow_credentials: only with allowed_origins")
         if self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.stream_interval_s < 0:

@@ -82,6 +82,30 @@ class Generator:
             return functools.cache(functools.partial(fn, arg))
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, arg)
 
+    async def tokenize(self, req: protocol.TokenizeRequest) -> list[int]:
+        """``/tokenize``: a prompt's ids (BOS per ``add_special_tokens``) or chat messages' through the template,
+        in the tokenizer pool (never on the event loop)."""
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "prompt: give either prompt or messages", param="prompt")
+        tokenizer, loop = self.served.tokenizer, asyncio.get_running_loop()
+        if req.prompt is not None:
+            return await loop.run_in_executor(self._executor, functools.partial(
+                tokenizer.encode, req.prompt, add_bos=req.add_special_tokens))
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            return await loop.run_in_executor(self._executor, tokenizer.apply_chat_template, messages)
+        except ValueError as exc:
+            raise from_engine_error(exc, "messages") from None
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        vocab = self.served.engine.engine.model.config.vocab_size
+        for i, token in enumerate(token_ids):
+            if token >= vocab:
+                raise APIError(400, f"tokens[{i}]: {token} is outside the vocabulary (size {vocab})",
+                               param=f"tokens[{i}]")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.served.tokenizer.decode,
+                                                                token_ids)
+
     def check_model(self, req) -> None:
         if req.model != self.served.name:
             raise APIError(400, f"model: unknown model {req.model!r}; this server serves {self.served.name!r}",
@@ -96,14 +120,16 @@ class Generator:
                 try:
                     params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0),
                                             top_p=req.top_p, seed=seed, stop=stop, ignore_eos=req.ignore_eos,
-                                            logprobs=logprobs)
+                                            stop_token_ids=tuple(req.stop_token_ids or ()), logprobs=logprobs)
                 except ValueError as exc:
                     raise from_engine_error(exc, prompt_field) from None
                 choices.append((p, params))
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        options = req.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous_usage = bool(options and options.continuous_usage_stats)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{self._id_bits.getrandbits(128):032x}"
         return Job(chat, request_id, self.served.name, int(time.time()), prompts, choices, req.priority, req.stream,
-                   include_usage, logprobs, prompt_field)
+                   include_usage, continuous_usage, logprobs, prompt_field)
 
     # ------------------------------------------------------------------ admission
 
@@ -152,7 +178,7 @@ class Generator:
     async def _stream(self, job: Job, choices: list[Choice], first, events, http_request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http_request)
-        encoder = responses.ChunkEncoder(job, self.served.tokenizer)
+        encoder = responses.ChunkEncoder(job, self.served.tokenizer, choices)
         try:
             event = first
             while True:
@@ -169,7 +195,7 @@ class Generator:
                     break
             _check_finished(choices)
             if job.include_usage:
-                await response.write(encoder.usage(choices))
+                await response.write(encoder.usage())
         except (ValueError, RequestFailedError, EngineDeadError) as exc:
             await response.write(_engine_failure(exc, job.prompt_field).sse_event())
         except APIError as exc:

@@ -22,7 +22,8 @@ class Job:
     choices: list[tuple[int, SamplingParams]]  # (prompt index, params), in choice-index order
     priority: int
     stream: bool
-    include_usage: bool
+    include_usage: bool  # a last chunk with the usage
+    continuous_usage: bool  # vLLM's continuous_usage_stats: every chunk carries the usage so far
     logprobs: bool
     prompt_field: str  # "prompt" or "messages": what errors about the prompt name
 

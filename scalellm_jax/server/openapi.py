@@ -7,8 +7,10 @@ from pydantic.json_schema import models_json_schema
 from scalellm_jax.server import protocol
 
 _REQUESTS = (protocol.CompletionRequest, protocol.ChatCompletionRequest)
+_OPTIONAL_MODEL = (protocol.TokenizeRequest, protocol.DetokenizeRequest)  # vLLM's: the model may be left out
 _RESPONSES = (protocol.CompletionResponse, protocol.ChatCompletionResponse, protocol.ChatCompletionChunk,
-              protocol.ModelList, protocol.ErrorResponse)
+              protocol.ModelList, protocol.ModelCard, protocol.TokenizeResponse, protocol.DetokenizeResponse,
+              protocol.ErrorResponse)
 
 
 def _ref(model) -> dict:
@@ -17,6 +19,7 @@ def _ref(model) -> dict:
 
 def _errors(*statuses: int) -> dict:
     reasons = {400: "Invalid request (the error's param names the field)", 401: "Missing or wrong API key",
+               404: "No such model",
                429: "Queue full; retry after the Retry-After header's seconds", 500: "The engine failed this request",
                503: "The model is still loading, or the engine stopped"}
     return {str(s): _content(reasons[s], protocol.ErrorResponse) for s in statuses}
@@ -48,13 +51,21 @@ def _generation(summary: str, request, response) -> dict:
     }}
 
 
+def _post(summary: str, request, response) -> dict:
+    return {"post": {"summary": summary,
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
+                     "responses": {"200": _content(summary, response), **_errors(400, 401, 503)}}}
+
+
 def openapi_document(model_name: str, secured: bool) -> dict:
     _, top = models_json_schema(
-        [(m, "validation") for m in _REQUESTS] + [(m, "serialization") for m in _RESPONSES],
+        [(m, "validation") for m in _REQUESTS + _OPTIONAL_MODEL] + [(m, "serialization") for m in _RESPONSES],
         ref_template="#/components/schemas/{model}",
     )
     for request in _REQUESTS:  # the one served model is the only valid value
         top["$defs"][request.__name__]["properties"]["model"]["enum"] = [model_name]
+    for request in _OPTIONAL_MODEL:
+        top["$defs"][request.__name__]["properties"]["model"] = {"anyOf": [{"enum": [model_name]}, {"type": "null"}]}
     status = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
     doc = {
         "openapi": "3.1.0",
@@ -67,6 +78,18 @@ def openapi_document(model_name: str, secured: bool) -> dict:
             "/v1/models": {"get": {"summary": "The served model", "responses": {
                 "200": _content("One model", protocol.ModelList),
                 **_errors(401, 503)}}},
+            "/v1/models/{model_id}": {"get": {
+                "summary": "One model by its id",
+                "parameters": [{"name": "model_id", "in": "path", "required": True,
+                                "schema": {"type": "string", "enum": [model_name]}}],
+                "responses": {"200": _content("The model", protocol.ModelCard), **_errors(401, 404, 503)}}},
+            "/tokenize": _post("Token ids of a prompt, or of chat messages through the chat template (vLLM)",
+                               protocol.TokenizeRequest, protocol.TokenizeResponse),
+            "/detokenize": _post("The text of token ids (vLLM)", protocol.DetokenizeRequest,
+                                 protocol.DetokenizeResponse),
+            "/version": {"get": {"summary": "The server's version", "security": [], "responses": {
+                "200": _content("Version", schema={"type": "object", "required": ["version"],
+                                                   "properties": {"version": {"type": "string"}}})}}},
             "/health": {"get": {"summary": "200 when ready to serve", "security": [], "responses": {
                 "200": _content("Ready", schema=status),
                 "503": _content("Loading, or the engine stopped", schema=status)}}},

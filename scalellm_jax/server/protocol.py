@@ -1,16 +1,21 @@
 """OpenAI request and response schemas (pydantic), the subset this server implements.
 
-Requests are validated strictly (no "10" for 10) and reject unknown fields, so a client learns
-at once which field was wrong instead of getting a silently different request. The response
-models document the API in ``/openapi.json``; non-streaming responses are built through them.
-Non-OpenAI fields, as in vLLM: ``top_k``, ``priority``, ``ignore_eos``.
+Requests are validated strictly (no "10" for 10). Tolerant where OpenAI and vLLM are: a field this
+server does not implement is accepted at its neutral value (``frequency_penalty: 0``, ``tools: null``,
+``response_format: {"type": "text"}``: what client libraries send by default) and is a 400 naming it
+otherwise; a field nobody here knows is ignored, with one warning per field name in the log (vLLM's
+behaviour). The response models document the API in ``/openapi.json``; non-streaming responses are
+built through them. Non-OpenAI fields, as in vLLM: ``top_k``, ``priority``, ``ignore_eos``,
+``stop_token_ids``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from scalellm_jax.engine.request import SEED_LIMIT
 
@@ -27,9 +32,76 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM: every chunk carries the usage so far.")
 
 
-class _SamplingFields(_Request):
+# Fields this server does not implement, accepted at their neutral values (the values that change nothing);
+# any other value is a 400 that names the field. Fields of one endpoint only are checked only there.
+NEUTRAL_ONLY: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "repetition_penalty": (1,),
+    "logit_bias": (None, {}), "min_p": (0,), "min_tokens": (0,), "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "prompt_logprobs": (None,),
+    "echo": (False,), "suffix": (None, ""), "best_of": (None, 1),
+    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "structured_outputs": (None,), "add_generation_prompt": (True,), "continue_final_message": (False,),
+    "chat_template": (None,), "chat_template_kwargs": (None, {}),
+}
+# Accepted with any value: they only concern OpenAI's platform (storage, billing, tool calls without tools).
+IGNORED = ("store", "metadata", "service_tier", "parallel_tool_calls", "reasoning_effort", "web_search_options",
+           "safety_identifier", "prompt_cache_key", "verbosity")
+
+
+def is_neutral(name: str, value: Any) -> bool:
+    """Whether ``value`` is a neutral value of the unimplemented field ``name`` (booleans match only booleans)."""
+    for v in NEUTRAL_ONLY[name]:
+        if (value is v) if isinstance(v, bool) or isinstance(value, bool) else (value == v):
+            return True
+    return False
+
+
+class _TopLevel(_Request):
+    """A request body: fields nobody here knows are kept in ``model_extra`` (and logged), not refused."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    def unknown_fields(self) -> list[str]:
+        return [name for name in (self.model_extra or {}) if name not in IGNORED and name not in NEUTRAL_ONLY]
+
+    def unimplemented_field(self) -> tuple[str, str] | None:
+        """``(field, message)`` for the first unimplemented field whose value is not neutral, else None."""
+        for name, value in (self.model_extra or {}).items():
+            if name in NEUTRAL_ONLY and not self._neutral(name, value):
+                shown = " or ".join(json.dumps(v) for v in NEUTRAL_ONLY[name])
+                return name, (f"{name}: not implemented by this server; only its neutral value ({shown}) is "
+                              f"accepted, got {json.dumps(value)[:80]}")
+        return None
+
+    def _neutral(self, name: str, value: Any) -> bool:
+        return is_neutral(name, value)
+
+
+def _check_stop(value: Any) -> Any:
+    if value is None or isinstance(value, str) and value:
+        return value
+    what = "must be a string or a list of strings"
+    if isinstance(value, str):
+        raise PydanticCustomError("stop", "stop strings must not be empty")
+    if not isinstance(value, list):
+        raise PydanticCustomError("stop", f"{what}, got {type(value).__name__}")
+    if len(value) > MAX_STOP:
+        raise PydanticCustomError("stop", f"at most {MAX_STOP} stop strings, got {len(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise PydanticCustomError("stop", f"{what}; item {i} is not a string ({type(item).__name__})")
+        if not item:
+            raise PydanticCustomError("stop", f"item {i} is empty; stop strings must not be empty")
+    return value
+
+
+class _SamplingFields(_TopLevel):
     """Fields shared by both endpoints (they become a ``SamplingParams`` per choice)."""
 
     model: str = Field(description="The served model's name, as listed by GET /v1/models.")
@@ -40,7 +112,9 @@ class _SamplingFields(_Request):
     top_k: int = Field(0, ge=-1, description="Non-OpenAI. 0 or -1: off.")
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="Choice i of n uses seed + i.")
     stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP)] | None = Field(
-        None, description="Stop strings; the text ends right before the first one generated.")
+        None, description=f"Stop strings (at most {MAX_STOP}); the text ends right before the first one generated.")
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=256)] | None = Field(
+        None, description="Non-OpenAI (vLLM). Token ids that end the choice; the token is not in the text.")
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -49,6 +123,11 @@ class _SamplingFields(_Request):
     user: str | None = None
     ignore_eos: bool = Field(False, description="Non-OpenAI. Generate max_tokens tokens even past EOS.")
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def stop_is_clear(cls, value: Any) -> Any:  # one message saying what is wrong, not one per union member
+        return _check_stop(value)
+
 
 class CompletionRequest(_SamplingFields):
     prompt: NonEmptyStr | TokenIds | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_N)] | Annotated[
@@ -56,6 +135,9 @@ class CompletionRequest(_SamplingFields):
     ] = Field(description="Text, token ids, or a list of either (one choice group per prompt).")
     logprobs: int | None = Field(None, ge=0, le=5, description="0: the sampled tokens' logprobs. Top "
                                                               "alternatives (> 0) are not computed.")
+
+    def _neutral(self, name: str, value: Any) -> bool:
+        return is_neutral(name, value) or (name == "best_of" and value == self.n)  # best_of = n: no extra draws
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: a lone text or token-id list is one prompt."""
@@ -89,6 +171,21 @@ class ChatCompletionRequest(_SamplingFields):
 
     def num_engine_requests(self) -> int:
         return self.n
+
+
+class TokenizeRequest(_TopLevel):
+    """vLLM's ``POST /tokenize``: a prompt, or chat messages through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool = Field(True, description="prompt only: start with BOS")
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_TopLevel):
+    model: str | None = None
+    tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1 << 20)]
 
 
 # ---------------------------------------------------------------------------------------------- responses
@@ -185,6 +282,17 @@ class ModelCard(BaseModel):
     owned_by: str = "scalellm-jax"
     max_model_len: int
     simulated_device: str | None = None  # set when no model runs: the engine's device is simulated
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelList(BaseModel):

@@ -26,10 +26,12 @@ FINISH_REASONS = ("stop", "length")  # the others ("abort", "error") never reach
 
 
 def usage(job: Job, choices: list[Choice]) -> protocol.Usage:
-    """Prompt tokens count once per prompt (not per choice), as OpenAI counts them."""
-    per_prompt = {p: len(c.output.prompt_token_ids) for (p, _), c in zip(job.choices, choices, strict=True)}
+    """Prompt tokens count once per prompt (not per choice), as OpenAI counts them; choices with no output
+    yet (mid-stream) count nothing."""
+    per_prompt = {p: len(c.output.prompt_token_ids) for (p, _), c in zip(job.choices, choices, strict=True)
+                  if c.output is not None}
     prompt = sum(per_prompt.values())
-    completion = sum(len(c.output.token_ids) for c in choices)
+    completion = sum(len(c.output.token_ids) for c in choices if c.output is not None)
     return protocol.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
@@ -53,9 +55,11 @@ def full_response(job: Job, choices: list[Choice], tokenizer: Tokenizer) -> str:
 class ChunkEncoder:
     """``data: {...}\\n\\n`` events for one streamed request."""
 
-    def __init__(self, job: Job, tokenizer: Tokenizer):
+    def __init__(self, job: Job, tokenizer: Tokenizer, choices: list[Choice]):
         self._job = job
         self._tokenizer = tokenizer
+        self._choices = choices
+        self._continuous_usage = job.include_usage and job.continuous_usage  # as vLLM: only with include_usage
         head = json.dumps({"id": job.request_id, "object": "chat.completion.chunk" if job.chat else "text_completion",
                            "created": job.created, "model": job.model}, separators=(",", ":"))
         self._prefix = ("data: " + head[:-1] + ',"choices":[').encode()
@@ -82,11 +86,16 @@ class ChunkEncoder:
             logprobs = _completion_logprobs(choice, token_start, text_start, self._tokenizer)
             body = json.dumps({"index": choice.index, "text": text, "logprobs": logprobs.model_dump(),
                                "finish_reason": finish}, ensure_ascii=False, separators=(",", ":"))
+        if self._continuous_usage:
+            return self._prefix + body.encode() + self._usage_suffix()
         return self._prefix + body.encode() + self._suffix
 
-    def usage(self, choices: list[Choice]) -> bytes:
+    def _usage_suffix(self) -> bytes:
+        return b'],"usage":' + usage(self._job, self._choices).model_dump_json().encode() + b"}\n\n"
+
+    def usage(self) -> bytes:
         """The last event before ``[DONE]`` with ``stream_options.include_usage``: no choices, the counts."""
-        return self._prefix + b'],"usage":' + usage(self._job, choices).model_dump_json().encode() + b"}\n\n"
+        return self._prefix + self._usage_suffix()
 
 
 def _token_texts(choice: Choice, start: int, tokenizer: Tokenizer) -> tuple[list[str], list[float]]:

@@ -42,11 +42,20 @@ def test_help_lists_the_options(capsys):
     (["--simulate-lengths", "rows.jsonl"], "--simulate-lengths"),  # without --simulate-device
     (["--simulate-device", "h200", "--simulate-lengths", "/no/such.jsonl"], "--simulate-lengths"),
     (["--token-buckets", "16,4096", "--max-num-batched-tokens", "2048"], "--token-buckets"),
+    (["--allowed-origins", "ftp://files.example.com"], "--allowed-origins"),
+    (["--allowed-origins", "[\"https://a.example\", 3]"], "--allowed-origins"),
+    (["--allow-credentials"], "--allow-credentials"),  # without --allowed-origins
 ])
 def test_bad_options_exit_2_with_one_line(capsys, argv, option):
     assert _exit_code(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and option in err and "\n" not in err, err
+
+
+def test_allowed_origins_take_vllm_json_lists_and_comma_lists():
+    for text in ('["https://a.example", "http://b.example:8080"]', "https://a.example, http://b.example:8080"):
+        config = cli.server_config(cli.parse_args(["--allowed-origins", text, "--allow-credentials"]))
+        assert config.allowed_origins == ("https://a.example", "http://b.example:8080") and config.allow_credentials
 
 
 def test_bucket_flags_become_engine_config_fields():
