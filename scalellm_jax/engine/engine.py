@@ -55,6 +55,11 @@ class RequestOutput:
     finish_reason: str | None
     text: str = ""
     queue_time: float | None = None
+    # per output token, its top_logprobs most likely tokens [(id, logprob)], best first (when asked)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    # per prompt token: None for the first, then (its logprob, [(id, logprob)] of the prompt_logprobs most
+    # likely); the request's own list, complete once the first output token exists (when asked)
+    prompt_logprobs: list | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +215,7 @@ class LLMEngine:
             outputs = []
         if dispatched is None:
             return outputs
-        tokens, logprobs = (np.asarray(a) for a in dispatched)  # the step's one device→host transfer
+        tokens, logprobs = np.asarray(dispatched.tokens), np.asarray(dispatched.logprobs)  # the step's transfer
         decode_rows = sum(1 for s in plan.scheduled if s.num_new_tokens == 1)
         self.step_costs.observe(prefill_tokens=plan.num_batched_tokens - decode_rows, decode_rows=decode_rows,
                                 seconds=time.perf_counter() - start)
@@ -219,7 +224,9 @@ class LLMEngine:
             for i, s in enumerate(plan.scheduled)
             if s.needs_sample
         }
+        _record_prompt_logprobs(plan.scheduled, dispatched)
         finished = {r.request_id for r in self.scheduler.update(plan, sampled)}
+        _record_top_logprobs(plan.scheduled, dispatched)
         self._pending = [
             (s.request, s.request.num_output_tokens, s.request_id in finished)
             for s in plan.scheduled
@@ -250,12 +257,15 @@ class LLMEngine:
                 request.status = RequestStatus.FINISHED_ERROR
         if request.status.is_finished:
             self._finished_preemptions += request.num_preemptions
-        logprobs = request.output_logprobs[:num_tokens] if request.sampling_params.logprobs else None
+        params = request.sampling_params
+        logprobs = request.output_logprobs[:num_tokens] if params.logprobs else None
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
             token_ids=list(token_ids),
             logprobs=logprobs,
+            top_logprobs=request.output_top_logprobs[:num_tokens] if params.top_logprobs else None,
+            prompt_logprobs=request.prompt_logprobs,
             finished=request.status.is_finished,
             finish_reason=request.finish_reason,
             text=text,
@@ -287,3 +297,36 @@ class LLMEngine:
             kv_cache_usage=1.0 - kv.num_free_pages / kv.num_usable_pages,
             num_preemptions=self._finished_preemptions + live_preemptions,
         )
+
+
+def _record_top_logprobs(scheduled, out) -> None:
+    """Each newly sampled token's alternatives, for the requests that asked (read from the device only then)."""
+    wanted = [(i, s.request) for i, s in enumerate(scheduled)
+              if s.needs_sample and s.request.sampling_params.top_logprobs
+              and len(s.request.output_top_logprobs) == s.request.num_output_tokens - 1]
+    if not wanted:
+        return
+    values, ids = np.asarray(out.top_logprobs), np.asarray(out.top_ids)
+    for i, request in wanted:
+        n = request.sampling_params.top_logprobs
+        request.output_top_logprobs.append(list(zip(ids[i, :n].tolist(), values[i, :n].tolist(), strict=True)))
+
+
+def _record_prompt_logprobs(scheduled, out) -> None:
+    """Each prompt position's logprob (and alternatives) the step computed, into its request's list (by
+    position: a chunk that runs again after a preemption writes the same entries)."""
+    arrays = None
+    offset = 0
+    for s in scheduled:
+        request, n = s.request, s.num_new_tokens
+        k = request.sampling_params.prompt_logprobs
+        last = min(s.start + n, request.num_prompt_tokens - 1)
+        if k is not None and last > s.start and request.prompt_logprobs is not None:
+            if arrays is None:
+                arrays = [np.asarray(a) for a in (out.prompt_logprobs, out.prompt_top_logprobs, out.prompt_top_ids)]
+            lp, top_lp, top_ids = arrays
+            for j in range(last - s.start):
+                alternatives = list(zip(top_ids[offset + j, :k].tolist(), top_lp[offset + j, :k].tolist(), strict=True))
+                request.prompt_logprobs[s.start + j + 1] = (float(lp[offset + j]), alternatives)
+        offset += n
+

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SEED_LIMIT = 2**32  # the device sampler turns seeds into uint32 PRNG keys
+MAX_LOGPROBS = 20  # most likely alternatives per position (the step program's TOP_LOGPROBS)
 
 
 def _is_int(value) -> bool:
@@ -45,7 +46,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    logprobs: bool = False
+    logprobs: bool = False  # each sampled token's logprob
+    top_logprobs: int = 0  # with logprobs: also the this-many most likely tokens at each sampled position
+    prompt_logprobs: int | None = None  # each prompt token's logprob (and the this-many most likely); None: off
 
     def __post_init__(self):
         # Accept lists (JSON bodies) but store tuples so the params stay hashable and immutable.
@@ -78,6 +81,13 @@ class SamplingParams:
         for name in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("top_logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if not (value is None and name == "prompt_logprobs") and (not _is_int(value)
+                                                                       or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs")
 
 
 class RequestStatus(enum.Enum):
@@ -136,6 +146,11 @@ class Request:
     eos_token_id: int | None = None
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    # per output token, its alternatives [(token id, logprob)] best first (with sampling_params.top_logprobs)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # per prompt position (with sampling_params.prompt_logprobs): None for the first, then (logprob of the prompt
+    # token, its alternatives [(token id, logprob)]); filled as the prompt's chunks run
+    prompt_logprobs: list | None = None
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
@@ -146,6 +161,8 @@ class Request:
 
     def __post_init__(self):
         self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]
+        if self.sampling_params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
 
     def waited(self, now: float) -> float:
         """Total seconds spent waiting, including the current wait if it is queued."""

@@ -16,7 +16,7 @@ costs nearly twice one at 32), and a 257-token step for 512. ``EngineConfig.deco
 bucket at warmup takes too long (a 32-layer Mixtral step: tens of seconds each on a GPU).
 
 The KV pools are donated to every step, so XLA updates them in place. Sampling happens inside the
-step: only token ids and their logprobs come back to the host.
+step: only token ids and (when asked) logprobs come back to the host.
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ from tqdm import tqdm
 from scalellm_jax.engine.buckets import bucket_for, pow2_buckets
 from scalellm_jax.engine.kv_swap import KVSwapper, page_bytes
 from scalellm_jax.engine.scheduler import ScheduledRequest, SwapOp
-from scalellm_jax.engine.step_program import PlatformChoices, StepBatch, StepShapes, pool_shapes, step_functions
+from scalellm_jax.engine.step_program import (
+    PlatformChoices,
+    StepBatch,
+    StepOutput,
+    StepShapes,
+    pool_shapes,
+    step_functions,
+)
 from scalellm_jax.loader import Model
 from scalellm_jax.model.paged import kv_pool_spec
 
@@ -123,6 +130,11 @@ class ModelRunner:
             batch.seeds[i] = params.seed  # the engine fills in a seed for every request
             batch.steps[i] = request.num_output_tokens
             batch.want_logprobs[i] = params.logprobs
+            batch.want_top[i] = params.top_logprobs > 0
+            if params.prompt_logprobs is not None and s.start < request.num_prompt_tokens - 1:
+                # position q predicts prompt token q + 1
+                last = min(s.start + n, request.num_prompt_tokens - 1)
+                batch.prompt_targets[offset:offset + last - s.start] = request.prompt_token_ids[s.start + 1:last + 1]
             offset = end
         return batch
 
@@ -131,11 +143,11 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ device side
 
-    def execute(self, batch: StepBatch) -> tuple[jax.Array, jax.Array]:
-        """Dispatch one step; returns device arrays (token ids [rows], logprobs [rows]) without waiting."""
+    def execute(self, batch: StepBatch) -> StepOutput:
+        """Dispatch one step; returns its device arrays (token ids, logprobs, ...) without waiting."""
         fn = self._decode if batch.decode_only else self._mixed
-        tokens, logprobs, self.pools = fn(*batch.args(self.model.params, self.pools))
-        return tokens, logprobs
+        out, self.pools = fn(*batch.args(self.model.params, self.pools))
+        return out
 
     def swap(self, swap_out: list[SwapOp], swap_in: list[SwapOp]) -> None:
         """Dispatch a step's swap-outs, then its swap-ins (before the step itself)."""

@@ -184,6 +184,14 @@ def sample(
     return jnp.where(sampling, sampled, greedy)
 
 
+def logprobs_and_top(logits: jax.Array, tokens: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """From one log-softmax of ``logits`` [N, V]: the log-probability of ``tokens`` [N], and the ``k`` largest
+    log-probabilities with their token ids, best first (a token among them has exactly its own value there)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    values, ids = jax.lax.top_k(logp, k)
+    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], values, ids.astype(jnp.int32)
+
+
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """Log-probability of ``tokens`` [B] under the unfiltered distribution of ``logits`` [B, V]."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

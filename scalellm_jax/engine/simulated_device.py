@@ -33,7 +33,7 @@ from device_models import DeviceCostModel, ModelShape, StepWork, device_profile
 from scalellm_jax.engine.buckets import bucket_for
 from scalellm_jax.engine.memory import page_bytes_per_device
 from scalellm_jax.engine.scheduler import ScheduledRequest, SwapOp
-from scalellm_jax.engine.step_program import StepShapes
+from scalellm_jax.engine.step_program import TOP_LOGPROBS, StepOutput, StepShapes
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class SimulatedStep:
     work: StepWork
     tokens: np.ndarray
     decode_only: bool
+    num_tokens: int = 0  # the step's token positions (prompt logprobs have one per position)
 
 
 class _DeviceResult:
@@ -197,7 +198,7 @@ class SimulatedRunner:
                 tokens[i] = 0
             elif self._ends(s.request):
                 tokens[i] = self._eos
-        return SimulatedStep(work, tokens, decode_only)
+        return SimulatedStep(work, tokens, decode_only, padded)
 
     # ------------------------------------------------------------------ device side
 
@@ -207,13 +208,24 @@ class SimulatedRunner:
         self.busy_s += seconds
         return self._busy_until
 
-    def execute(self, step: SimulatedStep) -> tuple[_DeviceResult, _DeviceResult]:
+    def execute(self, step: SimulatedStep) -> StepOutput:
+        """The step's outputs, readable once the simulated device is done: the drawn tokens, at a uniform
+        draw's logprob, with the first TOP_LOGPROBS ids as the alternatives (prompt positions alike)."""
         seconds = self.cost.step_s(step.work) + self._pending_swap_s
         self._pending_swap_s = 0.0
         ready_at = self._queue(seconds)
         self.num_steps += 1
-        logprobs = np.full(len(step.tokens), self._logprob, np.float32)
-        return _DeviceResult(step.tokens, ready_at), _DeviceResult(logprobs, ready_at)
+        k = min(TOP_LOGPROBS, self._vocab)
+
+        def uniform(*shape):
+            return _DeviceResult(np.full(shape, self._logprob, np.float32), ready_at)
+
+        def ids(n):
+            return _DeviceResult(np.broadcast_to(np.arange(k, dtype=np.int32), (n, k)), ready_at)
+
+        rows, n = len(step.tokens), step.num_tokens
+        return StepOutput(_DeviceResult(step.tokens, ready_at), uniform(rows), uniform(rows, k), ids(rows),
+                          uniform(n), uniform(n, k), ids(n))
 
     def swap(self, swap_out: list[SwapOp], swap_in: list[SwapOp]) -> None:
         if (swap_out or swap_in) and self.swap_compression is None:

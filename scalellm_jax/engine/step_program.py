@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,8 @@ import numpy as np
 
 from scalellm_jax.config import ModelConfig
 from scalellm_jax.engine.buckets import step_buckets
-from scalellm_jax.engine.sampling import row_keys, sample, token_logprobs
+from scalellm_jax.engine.request import MAX_LOGPROBS
+from scalellm_jax.engine.sampling import logprobs_and_top, row_keys, sample, token_logprobs
 from scalellm_jax.model import Mixtral
 from scalellm_jax.model.paged import PagedAttention, PagedMeta
 
@@ -101,7 +103,9 @@ class StepBatch:
     top_p: np.ndarray
     seeds: np.ndarray
     steps: np.ndarray
-    want_logprobs: np.ndarray
+    want_logprobs: np.ndarray  # [rows]: the sampled token's logprob
+    want_top: np.ndarray  # [rows]: the TOP_LOGPROBS most likely tokens too
+    prompt_targets: np.ndarray  # [tokens]: the next prompt token, for prompt logprobs; -1: not wanted
 
     @classmethod
     def empty(cls, decode_only: bool, num_tokens: int, rows: int, max_pages_per_seq: int) -> StepBatch:
@@ -121,29 +125,76 @@ class StepBatch:
             seeds=np.zeros(rows, np.uint32),
             steps=np.zeros(rows, np.int32),
             want_logprobs=np.zeros(rows, bool),
+            want_top=np.zeros(rows, bool),
+            prompt_targets=np.full(num_tokens, -1, np.int32),
         )
 
     def args(self, params, pools) -> tuple:
         """The positional arguments of a step function for this batch."""
         meta = PagedMeta(self.slot_mapping, self.page_table, self.kv_lengths, self.cu_q_lens)
         return (params, pools, self.tokens, self.positions, meta, self.logits_index, self.temperature, self.top_k,
-                self.top_p, self.seeds, self.steps, self.want_logprobs)
+                self.top_p, self.seeds, self.steps, self.want_logprobs, self.want_top, self.prompt_targets)
+
+
+TOP_LOGPROBS = MAX_LOGPROBS  # alternatives a step returns per position when asked
+PROMPT_LOGPROBS_CHUNK = 256  # prompt positions projected onto the vocabulary at a time
+
+
+class StepOutput(NamedTuple):
+    """What a step returns besides the KV pools (device arrays; the host reads only what was asked for)."""
+
+    tokens: jax.Array  # [rows] sampled ids
+    logprobs: jax.Array  # [rows] their logprobs (zeros unless some row wants them)
+    top_logprobs: jax.Array  # [rows, TOP_LOGPROBS]
+    top_ids: jax.Array  # [rows, TOP_LOGPROBS]
+    prompt_logprobs: jax.Array  # [tokens] logprob of each position's next prompt token
+    prompt_top_logprobs: jax.Array  # [tokens, TOP_LOGPROBS]
+    prompt_top_ids: jax.Array  # [tokens, TOP_LOGPROBS]
+
+
+def _prompt_logprobs(module, params, hidden, targets, k):
+    """Per position, the logprob of ``targets`` [T] and the TOP_LOGPROBS best, from the hidden states [T, H],
+    PROMPT_LOGPROBS_CHUNK positions at a time: never all [T, V] logits at once."""
+    chunk = min(PROMPT_LOGPROBS_CHUNK, hidden.shape[0])
+    pad = -hidden.shape[0] % chunk
+    h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, hidden.shape[-1])
+    t = jnp.pad(targets, (0, pad), constant_values=-1).reshape(-1, chunk)
+
+    def one(args):
+        hc, tc = args
+        logits = module.apply({"params": params}, hc, method="project")
+        return logprobs_and_top(logits, jnp.maximum(tc, 0), k)
+
+    lp, top_lp, top_ids = jax.lax.map(one, (h, t))
+    n = hidden.shape[0]
+    return lp.reshape(-1)[:n], top_lp.reshape(-1, k)[:n], top_ids.reshape(-1, k)[:n]
 
 
 def _step(module, params, pools, tokens, positions, meta, logits_index, temperature, top_k, top_p, seeds, steps,
-          want_logprobs):
-    logits, pools = module.apply(
-        {"params": params}, tokens[None], positions[None], pools, meta, logits_index=logits_index[None]
+          want_logprobs, want_top, prompt_targets):
+    logits, pools, hidden = module.apply(
+        {"params": params}, tokens[None], positions[None], pools, meta, logits_index=logits_index[None],
+        return_hidden=True,
     )
     logits = logits[0]
     next_tokens = sample(logits, row_keys(seeds), steps, temperature, top_k, top_p)
-    # A log-softmax over the vocabulary for every row costs ~10% of a CPU decode step: only when asked.
-    logprobs = jax.lax.cond(
-        jnp.any(want_logprobs),
-        lambda: token_logprobs(logits, next_tokens),
-        lambda: jnp.zeros(next_tokens.shape, jnp.float32),
+    rows, n = next_tokens.shape[0], tokens.shape[0]
+    k = min(TOP_LOGPROBS, logits.shape[-1])
+    # A log-softmax over the vocabulary for every row costs ~10% of a CPU decode step: each output only
+    # when some row (or prompt position) asks for it.
+    logprobs, top_lp, top_ids = jax.lax.cond(
+        jnp.any(want_top),
+        lambda: logprobs_and_top(logits, next_tokens, k),
+        lambda: (jax.lax.cond(jnp.any(want_logprobs), lambda: token_logprobs(logits, next_tokens),
+                              lambda: jnp.zeros((rows,), jnp.float32)),
+                 jnp.zeros((rows, k), jnp.float32), jnp.zeros((rows, k), jnp.int32)),
     )
-    return next_tokens, logprobs, pools
+    prompt = jax.lax.cond(
+        jnp.any(prompt_targets >= 0),
+        lambda: _prompt_logprobs(module, params, hidden[0], prompt_targets, k),
+        lambda: (jnp.zeros((n,), jnp.float32), jnp.zeros((n, k), jnp.float32), jnp.zeros((n, k), jnp.int32)),
+    )
+    return StepOutput(next_tokens, logprobs, top_lp, top_ids, *prompt), pools
 
 
 def step_functions(config: ModelConfig, dtype, choices: PlatformChoices, *, mesh=None, interpret: bool = False):

@@ -69,19 +69,28 @@ class Mixtral(nn.Module):
         caches: tuple[Any, ...] | None = None,
         meta: Any = None,
         logits_index: jax.Array | None = None,
+        return_hidden: bool = False,
     ) -> tuple[jax.Array, tuple[Any, ...] | None]:
-        """tokens/positions [B, T] → (logits [B, T or n, V], new caches).
+        """tokens/positions [B, T] → (logits [B, T or n, V], new caches[, final hidden states [B, T, H]]).
 
         ``logits_index`` [B, n] selects which token positions get logits, so prefill pays the
-        vocabulary projection only for the tokens that are sampled.
+        vocabulary projection only for the tokens that are sampled. ``return_hidden``: also the
+        normalized hidden states of every position, which ``project`` turns into logits when some
+        are wanted after all (prompt logprobs).
         """
         x = self.embed(tokens)
         new_caches = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, positions, None if caches is None else caches[i], meta)
             new_caches.append(layer_cache)
-        x = self.final_norm(x)
+        hidden = x = self.final_norm(x)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[..., None], axis=1)
-        logits = self.embed.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
-        return logits, (None if caches is None else tuple(new_caches))
+        caches = None if caches is None else tuple(new_caches)
+        if return_hidden:
+            return self.project(x), caches, hidden
+        return self.project(x), caches
+
+    def project(self, hidden: jax.Array) -> jax.Array:
+        """Normalized hidden states [..., H] → logits [..., V] (the LM head)."""
+        return self.embed.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)

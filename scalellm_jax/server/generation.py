@@ -54,18 +54,18 @@ class Generator:
     # ------------------------------------------------------------------ requests → jobs
 
     async def completion_job(self, req: protocol.CompletionRequest) -> Job:
-        if req.logprobs:
-            raise APIError(400, "logprobs: only 0 (the sampled tokens' logprobs) is supported; top "
-                                "alternatives are not computed", param="logprobs")
         encode = self.served.tokenizer.encode
-        prompts = [p if isinstance(p, list) else await self._tokenize(len(p), encode, p) for p in req.prompts()]
+        texts = req.prompts()
+        prompts = [p if isinstance(p, list) else await self._tokenize(len(p), encode, p) for p in texts]
         max_tokens = req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
-        return self._job(req, False, prompts, max_tokens, req.logprobs is not None, "prompt")
+        job = self._job(req, False, prompts, max_tokens, req.logprobs is not None, req.logprobs or 0, "prompt",
+                        echo=req.echo)
+        job.prompt_texts = [t if isinstance(t, str) else None for t in texts]
+        return job
 
     async def chat_job(self, req: protocol.ChatCompletionRequest) -> Job:
-        if req.top_logprobs:
-            raise APIError(400, "top_logprobs: only 0 is supported; top alternatives are not computed",
-                           param="top_logprobs")
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         size = sum(len(m["content"]) for m in messages)
         try:
@@ -73,7 +73,7 @@ class Generator:
         except ValueError as exc:
             raise from_engine_error(exc, "messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens or self.served.max_model_len
-        return self._job(req, True, [prompt], max_tokens, req.logprobs, "messages")
+        return self._job(req, True, [prompt], max_tokens, req.logprobs, req.top_logprobs or 0, "messages")
 
     async def _tokenize(self, size: int, fn, arg) -> Prompt:
         """Token ids from the pool for a long input; for a short one, a call the engine thread makes
@@ -111,8 +111,11 @@ class Generator:
             raise APIError(400, f"model: unknown model {req.model!r}; this server serves {self.served.name!r}",
                            param="model")
 
-    def _job(self, req, chat: bool, prompts: list[Prompt], max_tokens: int, logprobs: bool, prompt_field: str):
+    def _job(self, req, chat: bool, prompts: list[Prompt], max_tokens: int, logprobs: bool, top: int,
+             prompt_field: str, echo: bool = False):
         stop = req.stop or ()  # SamplingParams turns one string into a one-item tuple
+        # echo with logprobs covers the prompt tokens too, with as many alternatives as the output's
+        prompt_logprobs = max(req.prompt_logprobs or 0, top) if echo and logprobs else req.prompt_logprobs
         choices = []
         for p in range(len(prompts)):
             for i in range(req.n):
@@ -120,7 +123,8 @@ class Generator:
                 try:
                     params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0),
                                             top_p=req.top_p, seed=seed, stop=stop, ignore_eos=req.ignore_eos,
-                                            stop_token_ids=tuple(req.stop_token_ids or ()), logprobs=logprobs)
+                                            stop_token_ids=tuple(req.stop_token_ids or ()), logprobs=logprobs,
+                                            top_logprobs=top, prompt_logprobs=prompt_logprobs)
                 except ValueError as exc:
                     raise from_engine_error(exc, prompt_field) from None
                 choices.append((p, params))
@@ -129,7 +133,8 @@ class Generator:
         continuous_usage = bool(options and options.continuous_usage_stats)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{self._id_bits.getrandbits(128):032x}"
         return Job(chat, request_id, self.served.name, int(time.time()), prompts, choices, req.priority, req.stream,
-                   include_usage, continuous_usage, logprobs, prompt_field)
+                   include_usage, continuous_usage, logprobs, prompt_field, top_logprobs=top, echo=echo,
+                   prompt_logprobs=req.prompt_logprobs)
 
     # ------------------------------------------------------------------ admission
 

@@ -26,6 +26,10 @@ class Job:
     continuous_usage: bool  # vLLM's continuous_usage_stats: every chunk carries the usage so far
     logprobs: bool
     prompt_field: str  # "prompt" or "messages": what errors about the prompt name
+    top_logprobs: int = 0  # most likely alternatives per position, with logprobs
+    echo: bool = False  # completions: the prompt comes back first (with its logprobs when logprobs is set)
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field: None when not asked
+    prompt_texts: list[str | None] | None = None  # completions: each prompt as sent (None: token ids)
 
 
 class Choice:

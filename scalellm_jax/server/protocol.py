@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from scalellm_jax.engine.request import SEED_LIMIT
+from scalellm_jax.engine.request import MAX_LOGPROBS, SEED_LIMIT
 
 MAX_N = 16  # choices per request: each is a full engine request
 MAX_STOP = 16
@@ -40,8 +40,8 @@ class StreamOptions(_Request):
 NEUTRAL_ONLY: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (0,), "presence_penalty": (0,), "repetition_penalty": (1,),
     "logit_bias": (None, {}), "min_p": (0,), "min_tokens": (0,), "include_stop_str_in_output": (False,),
-    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "prompt_logprobs": (None,),
-    "echo": (False,), "suffix": (None, ""), "best_of": (None, 1),
+    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+    "suffix": (None, ""), "best_of": (None, 1),
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
     "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
@@ -122,6 +122,8 @@ class _SamplingFields(_TopLevel):
                                                                 "--scheduling-policy priority.")
     user: str | None = None
     ignore_eos: bool = Field(False, description="Non-OpenAI. Generate max_tokens tokens even past EOS.")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+        "vLLM: each prompt token's logprob and this many most likely tokens, in the choice's prompt_logprobs."))
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -133,8 +135,10 @@ class CompletionRequest(_SamplingFields):
     prompt: NonEmptyStr | TokenIds | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_N)] | Annotated[
         list[TokenIds], Field(min_length=1, max_length=MAX_N)
     ] = Field(description="Text, token ids, or a list of either (one choice group per prompt).")
-    logprobs: int | None = Field(None, ge=0, le=5, description="0: the sampled tokens' logprobs. Top "
-                                                              "alternatives (> 0) are not computed.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+        "The sampled tokens' logprobs and, per position, this many most likely tokens (vLLM's limit, 20)."))
+    echo: bool = Field(False, description="The prompt comes back before the completion (with logprobs: the "
+                                          "prompt tokens' logprobs too, the first null).")
 
     def _neutral(self, name: str, value: Any) -> bool:
         return is_neutral(name, value) or (name == "best_of" and value == self.n)  # best_of = n: no extra draws
@@ -167,7 +171,8 @@ class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (newer clients).")
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Only 0: alternatives are not computed.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="With logprobs: this many most "
+                                                                         "likely tokens per position.")
 
     def num_engine_requests(self) -> int:
         return self.n
@@ -199,9 +204,18 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None] = Field(description="null for the first prompt token (echo)")
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's: one token's logprob at a prompt position, its rank (1 = most likely; null: beyond those
+    computed) and its text."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
 
 
 class _Envelope(BaseModel):
@@ -220,6 +234,8 @@ class _Choice(BaseModel):
 class CompletionChoice(_Choice):
     text: str
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(
+        None, description="vLLM: per prompt token (the first null), token id → its logprob")
 
 
 class CompletionResponse(_Envelope):
@@ -230,11 +246,17 @@ class CompletionResponse(_Envelope):
     usage: Usage | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
 class TokenLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int] | None
-    top_logprobs: list[dict] = Field(default_factory=list)
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class ChoiceLogprobs(BaseModel):
@@ -249,6 +271,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(_Choice):
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class ChatCompletionResponse(_Envelope):

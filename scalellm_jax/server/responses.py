@@ -42,12 +42,15 @@ def full_response(job: Job, choices: list[Choice], tokenizer: Tokenizer) -> str:
             id=job.request_id, created=job.created, model=job.model, usage=usage(job, choices),
             choices=[protocol.ChatChoice(index=c.index, message=protocol.AssistantMessage(content=c.output.text),
                                          logprobs=_chat_logprobs(c, 0, tokenizer) if job.logprobs else None,
+                                         prompt_logprobs=_prompt_logprobs(job, c, tokenizer),
                                          finish_reason=c.output.finish_reason) for c in choices],
         ).model_dump_json()
     return protocol.CompletionResponse(
         id=job.request_id, created=job.created, model=job.model, usage=usage(job, choices),
-        choices=[protocol.CompletionChoice(index=c.index, text=c.output.text,
-                                           logprobs=_completion_logprobs(c, 0, 0, tokenizer) if job.logprobs else None,
+        choices=[protocol.CompletionChoice(index=c.index, text=_echoed(job, c, tokenizer) + c.output.text,
+                                           logprobs=_completion_logprobs(job, c, 0, 0, tokenizer, job.echo)
+                                           if job.logprobs else None,
+                                           prompt_logprobs=_prompt_logprobs(job, c, tokenizer),
                                            finish_reason=c.output.finish_reason) for c in choices],
     ).model_dump_json()
 
@@ -75,17 +78,27 @@ class ChunkEncoder:
         choice.text_sent, choice.tokens_sent = len(out.text), len(out.token_ids)
         finish = out.finish_reason if out.finished and out.finish_reason in FINISH_REASONS else None
         first = text_start == 0 and token_start == 0
-        if not self._job.logprobs:  # the hot path: string formatting, ~10x faster than json.dumps(dict)
-            body = _PLAIN[self._job.chat, first] % (choice.index, _json_str(text), _FINISH_JSON[finish])
-        elif self._job.chat:
-            delta = {"role": "assistant", "content": text} if first else {"content": text}
-            logprobs = _chat_logprobs(choice, token_start, self._tokenizer)
-            body = json.dumps({"index": choice.index, "delta": delta, "logprobs": logprobs.model_dump(),
-                               "finish_reason": finish}, ensure_ascii=False, separators=(",", ":"))
+        job = self._job
+        echo = _echoed(job, choice, self._tokenizer) if first and job.echo else ""
+        if not job.logprobs and (job.prompt_logprobs is None or not first):
+            # the hot path: string formatting, ~10x faster than json.dumps(dict)
+            body = _PLAIN[job.chat, first] % (choice.index, _json_str(echo + text), _FINISH_JSON[finish])
         else:
-            logprobs = _completion_logprobs(choice, token_start, text_start, self._tokenizer)
-            body = json.dumps({"index": choice.index, "text": text, "logprobs": logprobs.model_dump(),
-                               "finish_reason": finish}, ensure_ascii=False, separators=(",", ":"))
+            fields: dict = {"index": choice.index}
+            if job.chat:
+                fields["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+                logprobs = _chat_logprobs(choice, token_start, self._tokenizer) if job.logprobs else None
+            else:
+                fields["text"] = echo + text
+                offset = text_start + (len(_echoed(job, choice, self._tokenizer)) if job.echo and not first else 0)
+                logprobs = (_completion_logprobs(job, choice, token_start, offset, self._tokenizer,
+                                                 first and job.echo) if job.logprobs else None)
+            fields["logprobs"] = logprobs.model_dump() if logprobs is not None else None
+            if first and job.prompt_logprobs is not None:
+                fields["prompt_logprobs"] = [None if e is None else {k: v.model_dump() for k, v in e.items()}
+                                             for e in _prompt_logprobs(job, choice, self._tokenizer)]
+            fields["finish_reason"] = finish
+            body = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
         if self._continuous_usage:
             return self._prefix + body.encode() + self._usage_suffix()
         return self._prefix + body.encode() + self._suffix
@@ -98,24 +111,75 @@ class ChunkEncoder:
         return self._prefix + self._usage_suffix()
 
 
-def _token_texts(choice: Choice, start: int, tokenizer: Tokenizer) -> tuple[list[str], list[float]]:
+def _echoed(job: Job, choice: Choice, tokenizer: Tokenizer) -> str:
+    """The prompt text a completion with ``echo`` starts with: as sent, or the token ids' text."""
+    if not job.echo:
+        return ""
+    text = job.prompt_texts[job.choices[choice.index][0]] if job.prompt_texts else None
+    return text if text is not None else tokenizer.decode(choice.output.prompt_token_ids)
+
+
+def _top(token: int, logprob: float, alternatives, tokenizer: Tokenizer) -> dict[str, float]:
+    """OpenAI's ``top_logprobs`` entry: the most likely tokens' texts → logprobs, and the chosen token (vLLM)."""
+    top = {tokenizer.decode([t]): lp for t, lp in alternatives or ()}
+    top.setdefault(tokenizer.decode([token]), logprob)
+    return top
+
+
+def _completion_logprobs(job: Job, choice: Choice, start: int, text_offset: int, tokenizer: Tokenizer,
+                         with_prompt: bool) -> protocol.CompletionLogprobs:
+    """Completions' logprobs for the output tokens from ``start`` (text starting at ``text_offset``), after the
+    prompt's own (the first null) when ``with_prompt`` (echo)."""
     out = choice.output
-    ids = out.token_ids[start:]
-    return [tokenizer.decode([t]) for t in ids], list(out.logprobs[start:len(out.token_ids)])
-
-
-def _completion_logprobs(choice: Choice, start: int, text_offset: int, tokenizer: Tokenizer):
-    tokens, logprobs = _token_texts(choice, start, tokenizer)
-    offsets = []
+    ids, logprobs, tops = [], [], []
+    if with_prompt:
+        entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        for token, entry in zip(out.prompt_token_ids, entries, strict=True):
+            ids.append(token)
+            logprobs.append(None if entry is None else entry[0])
+            tops.append(None if entry is None else _top(token, entry[0], entry[1][:job.top_logprobs], tokenizer))
+    end = len(out.token_ids)
+    alternatives = out.top_logprobs[start:end] if out.top_logprobs is not None else [()] * (end - start)
+    for token, lp, alt in zip(out.token_ids[start:end], out.logprobs[start:end], alternatives, strict=True):
+        ids.append(token)
+        logprobs.append(lp)
+        tops.append(_top(token, lp, alt, tokenizer))
+    tokens, offsets = [tokenizer.decode([t]) for t in ids], []
     for token in tokens:
         offsets.append(text_offset)
         text_offset += len(token)
-    return protocol.CompletionLogprobs(tokens=tokens, token_logprobs=logprobs, text_offset=offsets)
+    return protocol.CompletionLogprobs(tokens=tokens, token_logprobs=logprobs, top_logprobs=tops, text_offset=offsets)
 
 
-def _chat_logprobs(choice: Choice, start: int, tokenizer: Tokenizer):
-    tokens, logprobs = _token_texts(choice, start, tokenizer)
-    return protocol.ChoiceLogprobs(content=[
-        protocol.TokenLogprob(token=t, logprob=lp, bytes=list(t.encode()))
-        for t, lp in zip(tokens, logprobs, strict=True)
-    ])
+def _chat_logprobs(choice: Choice, start: int, tokenizer: Tokenizer) -> protocol.ChoiceLogprobs:
+    out = choice.output
+    end = len(out.token_ids)
+    alternatives = out.top_logprobs[start:end] if out.top_logprobs is not None else [()] * (end - start)
+    content = []
+    for token, lp, alt in zip(out.token_ids[start:end], out.logprobs[start:end], alternatives, strict=True):
+        text = tokenizer.decode([token])
+        top = [protocol.TopLogprob(token=s, logprob=v, bytes=list(s.encode()))
+               for s, v in ((tokenizer.decode([t]), v) for t, v in alt)]
+        content.append(protocol.TokenLogprob(token=text, logprob=lp, bytes=list(text.encode()), top_logprobs=top))
+    return protocol.ChoiceLogprobs(content=content)
+
+
+def _prompt_logprobs(job: Job, choice: Choice, tokenizer: Tokenizer) -> list | None:
+    """vLLM's ``prompt_logprobs``: per prompt token (the first None), token id → logprob, rank, text, for the
+    prompt token and the ``prompt_logprobs`` most likely."""
+    if job.prompt_logprobs is None:
+        return None
+    out = choice.output
+    result: list = []
+    for token, entry in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True):
+        if entry is None:
+            result.append(None)
+            continue
+        logprob, alternatives = entry
+        ranks = {t: rank for rank, (t, _) in enumerate(alternatives, 1)}
+        here = {str(t): protocol.PromptLogprob(logprob=v, rank=rank, decoded_token=tokenizer.decode([t]))
+                for rank, (t, v) in enumerate(alternatives[:job.prompt_logprobs], 1)}
+        here.setdefault(str(token), protocol.PromptLogprob(logprob=logprob, rank=ranks.get(token),
+                                                           decoded_token=tokenizer.decode([token])))
+        result.append(here)
+    return result

@@ -85,10 +85,11 @@ def test_batch_composition_and_preemption_do_not_change_sampled_tokens(model, po
     KV was recomputed (no swap space) or swapped to host memory and back."""
     rng = np.random.default_rng()
     target = random_prompt(rng, 5, 30)
-    params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True, prompt_logprobs=2)
     alone = LLMEngine(model, ENGINE)
     rid = alone.add_request(target, params)
-    expected = run_to_completion(alone)[rid].token_ids
+    expected_out = run_to_completion(alone)[rid]
+    expected = expected_out.token_ids
 
     # A pool so small that requests preempt each other, with others arriving mid-way.
     crowded = LLMEngine(model, EngineConfig(page_size=4, num_pages=24, max_num_seqs=4, max_num_batched_tokens=16,
@@ -107,6 +108,7 @@ def test_batch_composition_and_preemption_do_not_change_sampled_tokens(model, po
         preemptions = max(preemptions, max((r.num_preemptions for r in crowded.scheduler.running), default=0))
         finished.update({o.request_id: o for o in outputs if o.finished})
     assert finished[rid].token_ids == expected
+    _assert_prompt_logprobs_close(finished[rid].prompt_logprobs, expected_out.prompt_logprobs)
     assert preemptions > 0, "the small pool was meant to force preemption"
     assert crowded.kv.num_free_pages == crowded.kv.num_usable_pages
     swapper = crowded.runner.swapper
@@ -126,6 +128,39 @@ def test_logprobs_are_the_model_log_softmax(engine, model):
     logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     expected = [logp[len(prompt) - 1 + i, t] for i, t in enumerate(out.token_ids)]
     np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
+
+
+def _log_softmax(model, token_ids) -> np.ndarray:
+    logits = np.asarray(model.logits([token_ids]), np.float64)[0]
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def _assert_prompt_logprobs_close(got, want):
+    assert len(got) == len(want) and got[0] is None and want[0] is None
+    for (lp, alternatives), (lp_want, alternatives_want) in zip(got[1:], want[1:], strict=True):
+        assert abs(lp - lp_want) < 1e-4
+        assert [t for t, _ in alternatives] == [t for t, _ in alternatives_want]
+        np.testing.assert_allclose([v for _, v in alternatives], [v for _, v in alternatives_want], atol=1e-4)
+
+
+def test_prompt_and_top_logprobs_are_the_model_log_softmax(engine, model):
+    """Prompt logprobs over a chunked prefill (prompts longer than the 16-token step), next to a request
+    that asks for none, and each sampled token's alternatives, against one full forward."""
+    rng = np.random.default_rng()
+    prompt = random_prompt(rng, 20, 45)
+    engine.add_request(random_prompt(rng, 5, 30), SamplingParams(max_tokens=3, ignore_eos=True))
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=4, temperature=0.0, logprobs=True, top_logprobs=3,
+                                                    prompt_logprobs=5, ignore_eos=True))
+    out = run_to_completion(engine)[rid]
+    logp = _log_softmax(model, prompt + out.token_ids)
+    want = [None] + [(logp[q - 1, prompt[q]], [(int(t), logp[q - 1, t]) for t in np.argsort(-logp[q - 1])[:5]])
+                     for q in range(1, len(prompt))]
+    _assert_prompt_logprobs_close(out.prompt_logprobs, want)
+    for i, (token, alternatives) in enumerate(zip(out.token_ids, out.top_logprobs, strict=True)):
+        row = logp[len(prompt) - 1 + i]
+        assert [t for t, _ in alternatives] == np.argsort(-row)[:3].tolist() and alternatives[0][0] == token
+        np.testing.assert_allclose([v for _, v in alternatives], np.sort(row)[::-1][:3], atol=1e-4)
 
 
 def test_stop_token_ids(engine):
@@ -192,7 +227,7 @@ def test_on_outputs_gets_each_steps_outputs_before_the_device_wait(engine, monke
             return np.asarray(self.array, dtype)
 
     execute = engine.runner.execute
-    monkeypatch.setattr(engine.runner, "execute", lambda batch: tuple(Transfer(a) for a in execute(batch)))
+    monkeypatch.setattr(engine.runner, "execute", lambda batch: type(out := execute(batch))(*map(Transfer, out)))
 
     def on_outputs(outputs):
         events.append("outputs")

@@ -29,6 +29,32 @@ def test_greedy_llm_generate_equals_transformers(make_hf_mixtral):
         assert out.prompt_token_ids == prompt and out.finish_reason == "length"
 
 
+def test_prompt_and_top_logprobs_equal_transformers_log_softmax(make_hf_mixtral):
+    """Prompt logprobs over a chunked prefill (16-token steps) and the sampled tokens' alternatives, against
+    Hugging Face's log-softmax of its own logits for the same checkpoint."""
+    torch = require_torch()
+
+    folder, hf = make_hf_mixtral(sliding_window=6)
+    llm = LLM(str(folder), dtype="float32", **SMALL)
+    prompt = np.random.default_rng().integers(3, hf.config.vocab_size, 37).tolist()
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=5,
+                            prompt_logprobs=5)
+    [out] = llm.generate(prompt_token_ids=[prompt], sampling_params=params)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + out.token_ids])).logits[0].double()
+    logp = torch.log_softmax(logits, -1).numpy()
+    assert out.prompt_logprobs[0] is None
+    for q in range(1, len(prompt)):
+        lp, alternatives = out.prompt_logprobs[q]
+        assert abs(lp - logp[q - 1, prompt[q]]) < 1e-4
+        assert [t for t, _ in alternatives] == np.argsort(-logp[q - 1])[:5].tolist()
+        np.testing.assert_allclose([v for _, v in alternatives], np.sort(logp[q - 1])[::-1][:5], atol=1e-4)
+    for i, alternatives in enumerate(out.top_logprobs):
+        row = logp[len(prompt) - 1 + i]
+        assert [t for t, _ in alternatives] == np.argsort(-row)[:5].tolist()
+        np.testing.assert_allclose(out.logprobs[i], row[out.token_ids[i]], atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def tiny_llm():
     return LLM("tiny", dtype="float32", **SMALL)

@@ -39,14 +39,15 @@ def _error(response, status: int, param: str | None):
     ("/v1/completions", {**COMPLETION, "stop": ["x", 3]}, "stop"),
     ("/v1/completions", {**COMPLETION, "stop_token_ids": [-1]}, "stop_token_ids[0]"),
     ("/v1/completions", {**COMPLETION, "frequency_penalty": 0.5}, "frequency_penalty"),
-    ("/v1/completions", {**COMPLETION, "echo": True}, "echo"),
+    ("/v1/completions", {**COMPLETION, "echo": "yes"}, "echo"),
     ("/v1/completions", {**COMPLETION, "logit_bias": {"5": 3}}, "logit_bias"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice"),
     ("/v1/chat/completions", {**CHAT, "skip_special_tokens": False}, "skip_special_tokens"),
     ("/v1/completions", {**COMPLETION, "stream": "yes"}, "stream"),
-    ("/v1/completions", {**COMPLETION, "logprobs": 3}, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "prompt_logprobs": -1}, "prompt_logprobs"),
     ("/v1/completions", {**COMPLETION, "best_of": 2}, "best_of"),
     ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": "word " * 80}, "prompt"),  # longer than the 64-token context
@@ -59,7 +60,8 @@ def _error(response, status: int, param: str | None):
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant", "content": "x"}]}, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "word " * 80}]}, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "word " * 500}]}, "messages"),
-    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2, "logprobs": True}, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),  # without logprobs
 ])
 def test_bad_fields_are_400_naming_the_field(server, path, body, param):
     _error(call(server.url + path, body), 400, param)
