@@ -9,7 +9,9 @@ does) for the same compositions. Two kinds of logits: ``peaked`` (a trained mode
 long tail; top-p 0.9 stays inside the top-64 candidates for most rows) and ``flat`` (a random-weight model's:
 top-p 0.9 reaches deep into the vocabulary, so every top-p row takes the exact bisection path). The cases run
 in rotation, once per round, and each round's time is the median of ``--calls`` blocked calls; the result
-reports the median over rounds and the spread (min/max round). The issue's target: one top-p row in a batch of
+reports the median over rounds and the spread (min/max round). Then end to end (``--engine-streams``): requests
+through ``LLM.generate`` on the tiny model, with temperature only, top-p or top-k on every request. The issue's
+target: one top-p row in a batch of
 64 costs at most 1.2x a temperature-only batch.
 """
 
@@ -106,6 +108,32 @@ def bench(batch: int, vocab: int, kinds: list[str], rounds: int, calls: int, met
     return rows
 
 
+ENGINE_CASES = {"temperature": {}, "top_p_0.9": {"top_p": 0.9}, "top_k_40": {"top_k": 40}}
+
+
+def engine_bench(streams: int, tokens: int, repeats: int) -> list[dict]:
+    """The issue's end-to-end case: ``streams`` requests of ``tokens`` tokens through ``LLM.generate`` on the
+    tiny random-weight model (flat logits: the exact-search path), every request with the case's filter;
+    the cases alternate over ``repeats``."""
+    from scalellm_jax import LLM, SamplingParams
+
+    llm = LLM("tiny", dtype="float32", max_num_seqs=streams, max_num_batched_tokens=256)
+    prompts = [[1, *range(100 + i, 110 + i)] for i in range(streams)]
+    times: dict = {case: [] for case in ENGINE_CASES}
+    for r in range(repeats + 1):  # the first round warms up every case
+        for case, extra in ENGINE_CASES.items():
+            params = SamplingParams(max_tokens=tokens, temperature=0.8, seed=r, ignore_eos=True, **extra)
+            start = time.perf_counter()
+            llm.generate(prompt_token_ids=prompts, sampling_params=params)
+            if r:
+                times[case].append(time.perf_counter() - start)
+    base = times["temperature"]
+    return [{"streams": streams, "tokens": tokens, "case": case, "s_median": float(np.median(ts)),
+             "s_min": min(ts), "s_max": max(ts),
+             "vs_temperature_median": float(np.median([a / b for a, b in zip(ts, base, strict=True)]))}
+            for case, ts in times.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sampling", description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[64])
@@ -115,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=5, help="blocked calls per case per round (median)")
     parser.add_argument("--methods", nargs="+", choices=["candidates_bisection", "full_sort"],
                         default=["candidates_bisection", "full_sort"])
+    parser.add_argument("--engine-streams", type=int, default=16, help="end to end: requests (0: skip)")
+    parser.add_argument("--engine-tokens", type=int, default=32)
+    parser.add_argument("--engine-repeats", type=int, default=3)
     parser.add_argument("--out", type=pathlib.Path, help="default: benchmarks/results/sampling-<date>.json")
     args = parser.parse_args(argv)
     methods = {k: v for k, v in samplers().items() if k in args.methods}
@@ -125,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"batch {batch:4d} {row['logits']:6s} {row['case']:18s} {row['method']:21s} "
                   f"{row['ms_median']:8.2f} ms  x{row['vs_temperature_median']:.2f} of temperature-only "
                   f"(rounds {row['vs_temperature_min']:.2f}-{row['vs_temperature_max']:.2f})", flush=True)
+    engine_rows = engine_bench(args.engine_streams, args.engine_tokens, args.engine_repeats) if args.engine_streams else []
+    for row in engine_rows:
+        print(f"engine, {row['streams']} streams x {row['tokens']} tokens, {row['case']:12s} {row['s_median']:6.2f} s "
+              f"(x{row['vs_temperature_median']:.2f} of temperature-only; {row['s_min']:.2f}-{row['s_max']:.2f} s)")
     verdicts = [{"batch": r["batch"], "logits": r["logits"], "ratio": r["vs_temperature_median"],
                  "target": TARGET_RATIO, "met": r["vs_temperature_median"] <= TARGET_RATIO}
                 for r in rows if r["case"] == "one_top_p" and r["method"] == "candidates_bisection"
@@ -149,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                    "timing": "per round the median of blocked calls; cases rotate within each round"},
         "targets": verdicts,
         "results": rows,
+        "engine": engine_rows,
     }, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -48,7 +48,7 @@ def first_argmax(x: jax.Array) -> jax.Array:
 # past them (top_k > CANDIDATES, or a top-p mass they do not cover: flat distributions) are solved exactly
 # by a radix select over the whole row.
 CANDIDATES = 64
-FILTER_ROWS = 8
+FILTER_ROWS = 4
 
 
 _RADIX_LEVELS = ((21, 11), (10, 11), (0, 10))  # (shift, bits) of the order key, highest digits first
