@@ -102,6 +102,7 @@ def create_app(config: ServerConfig, served: ServedModel | None = None) -> web.A
     app.router.add_get("/v1/models/{model_id:.+}", _model)
     app.router.add_post("/tokenize", _tokenize)
     app.router.add_post("/detokenize", _detokenize)
+    app.router.add_get("/tokenizer_info", _tokenizer_info)
     app.router.add_get("/version", _version)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
@@ -154,7 +155,7 @@ async def _errors_middleware(request: web.Request, handler):
         return APIError(500, f"internal error: {exc!r}").response()
 
 
-_GUARDED = ("/v1/", "/tokenize", "/detokenize")
+_GUARDED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 def _auth_middleware(api_key: str | None):
@@ -247,6 +248,16 @@ async def _detokenize(request: web.Request) -> web.Response:
     text = await generator.detokenize(req.tokens)
     return web.Response(body=protocol.DetokenizeResponse(prompt=text).model_dump_json(),
                         content_type="application/json")
+
+
+async def _tokenizer_info(request: web.Request) -> web.Response:
+    """vLLM's ``/tokenizer_info``, which lm-eval's ``tokenizer_backend=remote`` reads before it tokenizes through
+    ``/tokenize``. Special tokens are left out: ``/tokenize`` encodes text, so it could not turn their names
+    back into their ids; the chat template is applied here, never sent."""
+    served = request.app[STATE].live_generator().served
+    return _json({"tokenizer_class": type(served.tokenizer).__name__, "vocab_size": served.tokenizer.vocab_size,
+                  "model_max_length": served.max_model_len, "bos_token": None, "eos_token": None,
+                  "pad_token": None, "chat_template": None})
 
 
 async def _version(request: web.Request) -> web.Response:

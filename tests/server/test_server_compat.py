@@ -119,6 +119,8 @@ def test_version_and_model_by_id(server):
     assert status == 200 and body["id"] == MODEL and body["object"] == "model"
     status, _, body = call(server.url + "/v1/models/gpt-4")
     assert status == 404 and body["error"]["param"] == "model"
+    status, _, body = call(server.url + "/tokenizer_info")  # what lm-eval's remote tokenizer reads first
+    assert status == 200 and body["model_max_length"] > 0 and body["eos_token"] is None
 
 
 ORIGIN = "https://app.example.com"
