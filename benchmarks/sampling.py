@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"batch {batch:4d} {row['logits']:6s} {row['case']:18s} {row['method']:21s} "
                   f"{row['ms_median']:8.2f} ms  x{row['vs_temperature_median']:.2f} of temperature-only "
                   f"(rounds {row['vs_temperature_min']:.2f}-{row['vs_temperature_max']:.2f})", flush=True)
-    engine_rows = engine_bench(args.engine_streams, args.engine_tokens, args.engine_repeats) if args.engine_streams else []
+    engine_rows = (engine_bench(args.engine_streams, args.engine_tokens, args.engine_repeats)
+                   if args.engine_streams else [])
     for row in engine_rows:
         print(f"engine, {row['streams']} streams x {row['tokens']} tokens, {row['case']:12s} {row['s_median']:6.2f} s "
               f"(x{row['vs_temperature_median']:.2f} of temperature-only; {row['s_min']:.2f}-{row['s_max']:.2f} s)")
