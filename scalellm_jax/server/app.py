@@ -196,11 +196,14 @@ async def _generate(request: web.Request, schema, chat: bool) -> web.StreamRespo
         return await generator.run(job, request, arrival)
 
 
+def _card(served: ServedModel) -> protocol.ModelCard:
+    return protocol.ModelCard(id=served.name, created=served.created, max_model_len=served.max_model_len,
+                              simulated_device=served.simulated_device)
+
+
 async def _models(request: web.Request) -> web.Response:
     served = request.app[STATE].live_generator().served
-    card = protocol.ModelCard(id=served.name, created=served.created, max_model_len=served.max_model_len,
-                              simulated_device=served.simulated_device)
-    body = protocol.ModelList(data=[card]).model_dump_json(exclude_none=True)
+    body = protocol.ModelList(data=[_card(served)]).model_dump_json(exclude_none=True)
     return web.Response(body=body, content_type="application/json")
 
 
@@ -209,9 +212,7 @@ async def _model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     if model_id != served.name:
         raise APIError(404, f"model: unknown model {model_id!r}; this server serves {served.name!r}", param="model")
-    card = protocol.ModelCard(id=served.name, created=served.created, max_model_len=served.max_model_len,
-                              simulated_device=served.simulated_device)
-    return web.Response(body=card.model_dump_json(exclude_none=True), content_type="application/json")
+    return web.Response(body=_card(served).model_dump_json(exclude_none=True), content_type="application/json")
 
 
 async def _parse(request: web.Request, schema):
@@ -227,12 +228,18 @@ async def _parse(request: web.Request, schema):
     return req
 
 
-async def _tokenize(request: web.Request) -> web.Response:
-    """vLLM's ``/tokenize``: the ids a completion's prompt (or chat messages) would become."""
-    req = await _parse(request, protocol.TokenizeRequest)
+async def _parse_tokenizer_request(request: web.Request, schema):
+    """A /tokenize or /detokenize body and the generator; as in vLLM, ``model`` may be left out."""
+    req = await _parse(request, schema)
     generator = request.app[STATE].live_generator()
     if req.model is not None:
         generator.check_model(req)
+    return req, generator
+
+
+async def _tokenize(request: web.Request) -> web.Response:
+    """vLLM's ``/tokenize``: the ids a completion's prompt (or chat messages) would become."""
+    req, generator = await _parse_tokenizer_request(request, protocol.TokenizeRequest)
     ids = await generator.tokenize(req)
     strs = [generator.served.tokenizer.decode([t]) for t in ids] if req.return_token_strs else None
     body = protocol.TokenizeResponse(count=len(ids), max_model_len=generator.served.max_model_len, tokens=ids,
@@ -241,10 +248,7 @@ async def _tokenize(request: web.Request) -> web.Response:
 
 
 async def _detokenize(request: web.Request) -> web.Response:
-    req = await _parse(request, protocol.DetokenizeRequest)
-    generator = request.app[STATE].live_generator()
-    if req.model is not None:
-        generator.check_model(req)
+    req, generator = await _parse_tokenizer_request(request, protocol.DetokenizeRequest)
     text = await generator.detokenize(req.tokens)
     return web.Response(body=protocol.DetokenizeResponse(prompt=text).model_dump_json(),
                         content_type="application/json")

@@ -63,6 +63,7 @@ class ChunkEncoder:
         self._tokenizer = tokenizer
         self._choices = choices
         self._continuous_usage = job.include_usage and job.continuous_usage  # as vLLM: only with include_usage
+        self._echo_length: dict[int, int] = {}  # choice index -> length of its echoed prompt text
         head = json.dumps({"id": job.request_id, "object": "chat.completion.chunk" if job.chat else "text_completion",
                            "created": job.created, "model": job.model}, separators=(",", ":"))
         self._prefix = ("data: " + head[:-1] + ',"choices":[').encode()
@@ -80,6 +81,8 @@ class ChunkEncoder:
         first = text_start == 0 and token_start == 0
         job = self._job
         echo = _echoed(job, choice, self._tokenizer) if first and job.echo else ""
+        if echo:
+            self._echo_length[choice.index] = len(echo)
         if not job.logprobs and (job.prompt_logprobs is None or not first):
             # the hot path: string formatting, ~10x faster than json.dumps(dict)
             body = _PLAIN[job.chat, first] % (choice.index, _json_str(echo + text), _FINISH_JSON[finish])
@@ -90,7 +93,7 @@ class ChunkEncoder:
                 logprobs = _chat_logprobs(choice, token_start, self._tokenizer) if job.logprobs else None
             else:
                 fields["text"] = echo + text
-                offset = text_start + (len(_echoed(job, choice, self._tokenizer)) if job.echo and not first else 0)
+                offset = text_start + (0 if first else self._echo_length.get(choice.index, 0))
                 logprobs = (_completion_logprobs(job, choice, token_start, offset, self._tokenizer,
                                                  first and job.echo) if job.logprobs else None)
             fields["logprobs"] = logprobs.model_dump() if logprobs is not None else None
