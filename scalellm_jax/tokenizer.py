@@ -131,7 +131,11 @@ class IncrementalDetokenizer:
     so text once shown never has to be retracted when a stop string completes.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), *, include_stop: bool = False,
+                 skip_special_tokens: bool = True, min_tokens: int = 0):
+        self._include_stop = include_stop
+        self._skip_special_tokens = skip_special_tokens
+        self._min_tokens = min_tokens
         self._tokenizer = tokenizer
         self._ids: list[int] = []
         self._prefix = 0  # window start: one text boundary back, for the neighbour rules above

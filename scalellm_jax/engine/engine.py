@@ -170,6 +170,10 @@ class LLMEngine:
         """Raise ``ValueError`` naming the field if this request can never be served."""
         if params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need an engine with a tokenizer")
+        vocab = self.model.config.vocab_size
+        outside = [token for token, _ in params.logit_bias if token >= vocab]
+        if outside:
+            raise ValueError(f"logit_bias: token {outside[0]} is outside the vocabulary [0, {vocab})")
         validate_prompt(prompt_token_ids, self.max_model_len, self.model.config.vocab_size)
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -274,9 +278,15 @@ class LLMEngine:
     def _text(self, request: Request, token_ids: list[int]) -> str:
         """Feed the request's new tokens to its detokenizer; a completed stop string finishes it."""
         detok = self._detokenizers.get(request.request_id)
+        params = request.sampling_params
         if detok is None:
-            detok = IncrementalDetokenizer(self.tokenizer, request.sampling_params.stop)
+            detok = IncrementalDetokenizer(self.tokenizer, params.stop, include_stop=params.include_stop_str_in_output,
+                                           skip_special_tokens=params.skip_special_tokens,
+                                           min_tokens=params.min_tokens)
             self._detokenizers[request.request_id] = detok
+        if (request.stopped_by_token() and len(token_ids) == request.num_output_tokens
+                and not params.include_stop_str_in_output):
+            token_ids = token_ids[:-1]  # EOS or a stop token id has no text (vLLM's rule)
         detok.add(token_ids[detok.num_tokens:])
         if detok.stopped and not request.status.is_finished:
             self._finish(request.request_id, RequestStatus.FINISHED_STOPPED)

@@ -22,6 +22,8 @@ import numpy as np
 
 SEED_LIMIT = 2**32  # the device sampler turns seeds into uint32 PRNG keys
 MAX_LOGPROBS = 20  # most likely alternatives per position (the step program's TOP_LOGPROBS)
+MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
+MAX_LOGIT_BIAS = 100.0  # |bias| per token (OpenAI's range)
 
 
 def _is_int(value) -> bool:
@@ -36,6 +38,13 @@ class SamplingParams:
     ``stop`` holds stop strings: they are only stored here; the engine's incremental detokenizer
     matches them, because a string can span several tokens. Every bad value raises ``ValueError``
     whose message starts with the field name, so API layers can pass it straight to the client.
+
+    The logit controls follow vLLM's definitions and order: ``logit_bias`` is added, stop tokens are
+    masked before ``min_tokens`` outputs, ``repetition_penalty`` divides positive (multiplies negative)
+    logits of tokens in the prompt or the output, ``frequency_penalty`` × a token's output count and
+    ``presence_penalty`` × (count > 0) are subtracted; then temperature, ``min_p`` (tokens below
+    ``min_p`` × the top probability go), top-k and top-p. Greedy requests see the same adjusted logits.
+    Logprobs are those of the model's unadjusted distribution (vLLM's default).
     """
 
     max_tokens: int = 16
@@ -49,6 +58,14 @@ class SamplingParams:
     logprobs: bool = False  # each sampled token's logprob
     top_logprobs: int = 0  # with logprobs: also the this-many most likely tokens at each sampled position
     prompt_logprobs: int | None = None  # each prompt token's logprob (and the this-many most likely); None: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); a dict is accepted
+    min_p: float = 0.0
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the output before this many tokens
+    include_stop_str_in_output: bool = False  # the stop string (or stop token's text) ends the text
+    skip_special_tokens: bool = True  # special tokens have no text in the output
 
     def __post_init__(self):
         # Accept lists (JSON bodies) but store tuples so the params stay hashable and immutable.
@@ -78,7 +95,19 @@ class SamplingParams:
         for text in self.stop:
             if not isinstance(text, str) or not text:
                 raise ValueError(f"stop must contain non-empty strings, got {text!r}")
-        for name in ("ignore_eos", "logprobs"):
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_real(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be a number > 0 (1 = off), got {self.repetition_penalty!r}")
+        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens!r}")
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        for name in ("ignore_eos", "logprobs", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("top_logprobs", "prompt_logprobs"):
@@ -88,6 +117,39 @@ class SamplingParams:
                 raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any logit control reads the request's own token history or bias (a device slot)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.logit_bias or self.min_tokens)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """``{token: bias}`` or ``[(token, bias)]`` → sorted ``((token, bias), ...)`` (one entry per token)."""
+    items = value.items() if isinstance(value, dict) else value
+    try:
+        pairs = [tuple(item) for item in items]
+    except TypeError:
+        raise ValueError(f"logit_bias must map token ids to biases, got {value!r}") from None
+    out = {}
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"logit_bias must map token ids to biases, got item {pair!r}")
+        token, bias = pair
+        if not _is_int(token) or token < 0:
+            raise ValueError(f"logit_bias: token ids must be non-negative integers, got {token!r}")
+        if not _is_real(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: the bias of token {token} must be a number in "
+                             f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}")
+        if int(token) in out:
+            raise ValueError(f"logit_bias: token {token} appears twice")
+        out[int(token)] = float(bias)
+    return tuple(sorted(out.items()))
 
 
 class RequestStatus(enum.Enum):
@@ -219,6 +281,16 @@ class Request:
         if logprob is not None:
             self.output_logprobs.append(float(logprob))
 
+    def is_stop_token(self, token: int) -> bool:
+        """EOS (unless ``ignore_eos``) or one of ``stop_token_ids``."""
+        params = self.sampling_params
+        return (not params.ignore_eos and token == self.eos_token_id) or token in params.stop_token_ids
+
+    def stopped_by_token(self) -> bool:
+        """Finished because its last token was a stop token (not by a stop string or a limit)."""
+        return (self.status is RequestStatus.FINISHED_STOPPED and bool(self.output_token_ids)
+                and self.is_stop_token(self.output_token_ids[-1]))
+
     def check_stop(self) -> RequestStatus | None:
         """The finished status the newest output token causes, or None to keep generating.
 
@@ -228,11 +300,9 @@ class Request:
         """
         if not self.output_token_ids:
             return None
-        last = self.output_token_ids[-1]
-        params = self.sampling_params
-        if (not params.ignore_eos and last == self.eos_token_id) or last in params.stop_token_ids:
+        if self.is_stop_token(self.output_token_ids[-1]):
             return RequestStatus.FINISHED_STOPPED
-        if len(self.output_token_ids) >= params.max_tokens:
+        if len(self.output_token_ids) >= self.sampling_params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
 
@@ -273,4 +343,4 @@ def clamp_max_tokens(params: SamplingParams, num_prompt_tokens: int, max_model_l
         raise ValueError(f"prompt has {num_prompt_tokens} tokens; the model's context is {max_model_len}")
     if params.max_tokens <= room:
         return params
-    return dataclasses.replace(params, max_tokens=room)
+    return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
