@@ -287,6 +287,7 @@ def engine_programs(mesh, num_layers: int | None, buckets: list[tuple[bool, int,
     import jax.numpy as jnp
 
     from scalellm_jax.config import preset
+    from scalellm_jax.engine.logit_controls import history_shapes
     from scalellm_jax.engine.step_program import PlatformChoices, StepBatch, StepShapes, pool_shapes, step_functions
     from scalellm_jax.model import CausalAttention, Mixtral
 
@@ -301,6 +302,7 @@ def engine_programs(mesh, num_layers: int | None, buckets: list[tuple[bool, int,
     params = jax.eval_shape(lambda t: module.init(jax.random.key(0), t, t), tokens)["params"]
     pools = tuple(tuple(jax.ShapeDtypeStruct(shape, dt) for shape, dt in layer)
                   for layer in pool_shapes(config, h200_kv_pages(), PAGE_SIZE, dtype, kv_cache_dtype))
+    history = history_shapes(MAX_NUM_SEQS, config.vocab_size)
     shapes = StepShapes(MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, MAX_MODEL_LEN // PAGE_SIZE)
     programs = []
     for decode_only, num_tokens, rows in buckets or shapes.warmup():
@@ -308,7 +310,7 @@ def engine_programs(mesh, num_layers: int | None, buckets: list[tuple[bool, int,
         kind = "decode" if decode_only else "mixed"
         name = f"{kind}_step[{config.num_layers} layers, {choices.kernels}, {choices.moe_impl}, kv {kv_cache_dtype}]"
         programs.append((name, f"{num_tokens} tokens, {rows} seqs", functions[decode_only],
-                         _abstract(mesh, batch.args(params, pools))))
+                         _abstract(mesh, batch.args(params, pools, history))))
     return programs
 
 

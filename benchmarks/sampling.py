@@ -10,7 +10,8 @@ long tail; top-p 0.9 stays inside the top-64 candidates for most rows) and ``fla
 top-p 0.9 reaches deep into the vocabulary, so every top-p row takes the exact bisection path). The cases run
 in rotation, once per round, and each round's time is the median of ``--calls`` blocked calls; the result
 reports the median over rounds and the spread (min/max round). Then end to end (``--engine-streams``): requests
-through ``LLM.generate`` on the tiny model, with temperature only, top-p or top-k on every request. The issue's
+through ``LLM.generate`` on the tiny model, with temperature only, top-p, top-k, penalties, a logit bias or
+min-p on every request. The issue's
 target: one top-p row in a batch of
 64 costs at most 1.2x a temperature-only batch.
 """
@@ -56,12 +57,13 @@ def logits(kind: str, batch: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.stack([rng.permutation(row) for row in rank_logits]).astype(np.float32)
 
 
-def sort_thresholds(scaled, top_k, top_p):
-    """The previous method: sort each row, cut at the k-th, then where the cumulative mass reaches top_p."""
+def sort_thresholds(scaled, top_k, top_p, floor):
+    """The previous method: sort each row, cut at the k-th (and the floor), then where the cumulative mass
+    reaches top_p."""
     vocab = scaled.shape[-1]
     desc = -jnp.sort(-scaled, axis=-1)
     rank = jnp.arange(vocab)[None, :]
-    keep = rank < jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
+    keep = (rank < jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]) & (desc >= floor[:, None])
     probs = jax.nn.softmax(jnp.where(keep, desc, -jnp.inf), axis=-1)
     keep &= (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]) | (rank == 0)
     return jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1)
@@ -108,7 +110,11 @@ def bench(batch: int, vocab: int, kinds: list[str], rounds: int, calls: int, met
     return rows
 
 
-ENGINE_CASES = {"temperature": {}, "top_p_0.9": {"top_p": 0.9}, "top_k_40": {"top_k": 40}}
+ENGINE_CASES = {"temperature": {}, "top_p_0.9": {"top_p": 0.9}, "top_k_40": {"top_k": 40},
+                # logit controls (a device history row per request): what they add to a temperature-only batch
+                "penalties": {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1},
+                "logit_bias": {"logit_bias": {t: 2.0 for t in range(1000, 1010)}},
+                "min_p_0.05": {"min_p": 0.05}}
 
 
 def engine_bench(streams: int, tokens: int, repeats: int) -> list[dict]:

@@ -292,6 +292,8 @@ class LLMEngine:
             self._finish(request.request_id, RequestStatus.FINISHED_STOPPED)
         if request.status.is_finished:
             detok.finish()
+            if detok.stopped and request.status is RequestStatus.FINISHED_LENGTH:
+                request.status = RequestStatus.FINISHED_STOPPED  # the last character completed a stop string
             del self._detokenizers[request.request_id]
         return detok.text(finished=request.status.is_finished)
 

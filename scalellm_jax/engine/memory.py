@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from scalellm_jax.config import ConfigError, EngineConfig, ModelConfig
+from scalellm_jax.engine.logit_controls import history_bytes
 from scalellm_jax.parallel import kv_head_shards
 
 logger = logging.getLogger(__name__)
@@ -68,12 +69,12 @@ def page_bytes_per_device(config: ModelConfig, page_size: int, kv_itemsize: int,
 
 def workspace_bytes(config: ModelConfig, engine: EngineConfig, itemsize: int) -> int:
     """Activations of the largest step (a few hidden-sized buffers per token, the routed expert rows)
-    plus the float32 logits and sampling buffers of every row."""
+    plus the float32 logits and sampling buffers of every row, and the logit controls' token history."""
     tokens = engine.max_num_batched_tokens
     c = config
     activations = tokens * (6 * c.hidden_size + 3 * c.num_experts_per_tok * c.intermediate_size) * max(itemsize, 4)
     logits = 4 * engine.max_num_seqs * c.vocab_size * 4
-    return int(activations + logits)
+    return int(activations + logits + history_bytes(engine.max_num_seqs, c.vocab_size))
 
 
 def plan_memory(

@@ -21,16 +21,19 @@ step: only token ids and (when asked) logprobs come back to the host.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from scalellm_jax.engine.buckets import bucket_for, pow2_buckets
+from scalellm_jax.engine.history_slots import HistorySlots
 from scalellm_jax.engine.kv_swap import KVSwapper, page_bytes
+from scalellm_jax.engine.logit_controls import NO_SLOT, TokenHistory, history_shapes, write_rows
 from scalellm_jax.engine.scheduler import ScheduledRequest, SwapOp
 from scalellm_jax.engine.step_program import (
     PlatformChoices,
@@ -79,6 +82,10 @@ class ModelRunner:
         functions = step_functions(c, model.dtype, choices, mesh=model.mesh, interpret=interpret)
         self._mixed, self._decode = functions[False], functions[True]
         self.pools = self._allocate_pools(kv_cache_dtype)
+        self.slots = HistorySlots(max_num_seqs, c.vocab_size)
+        self.history = self._allocate_history()
+        # a partial of its own: jit shares one cache per function, and num_compilations counts this runner's
+        self._write_rows = jax.jit(functools.partial(write_rows), donate_argnums=(0,))
         self.swapper = None
         if swap_compression is not None:
             if swap_compression not in ("none", "int8"):
@@ -101,6 +108,13 @@ class ModelRunner:
             for layer in pool_shapes(c, self.num_pages, self.page_size, self.model.dtype, kv_cache_dtype)
         )
 
+    def _allocate_history(self):
+        """The logit controls' token history: one zeroed row per slot, replicated under a mesh."""
+        mesh = self.model.mesh
+        sharding = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+        shapes = history_shapes(self.slots.num_slots, self.model.config.vocab_size)
+        return TokenHistory(*(jnp.zeros(a.shape, a.dtype, device=sharding) for a in shapes))
+
     # ------------------------------------------------------------------ host side
 
     def prepare(self, scheduled: list[ScheduledRequest], kv) -> StepBatch:
@@ -112,6 +126,8 @@ class ModelRunner:
         else:
             rows, n_tok = self.max_num_seqs, bucket_for(num_tokens, self.token_buckets)
         batch = self._empty(decode_only, n_tok, rows)
+        self.slots.release_idle()
+        controls = batch.controls
         offset = 0
         for i, s in enumerate(scheduled):
             request, n = s.request, s.num_new_tokens
@@ -127,6 +143,12 @@ class ModelRunner:
             batch.temperature[i] = params.temperature
             batch.top_k[i] = min(params.top_k, self.model.config.vocab_size)  # larger is the same as off
             batch.top_p[i] = params.top_p
+            batch.min_p[i] = params.min_p
+            if params.adjusts_logits and s.needs_sample:
+                controls.slot[i] = self.slots.slot(request)
+                controls.presence[i], controls.frequency[i] = params.presence_penalty, params.frequency_penalty
+                controls.repetition[i] = params.repetition_penalty
+                controls.suppress_stop[i] = request.num_output_tokens < params.min_tokens
             batch.seeds[i] = params.seed  # the engine fills in a seed for every request
             batch.steps[i] = request.num_output_tokens
             batch.want_logprobs[i] = params.logprobs
@@ -136,6 +158,7 @@ class ModelRunner:
                 last = min(s.start + n, request.num_prompt_tokens - 1)
                 batch.prompt_targets[offset:offset + last - s.start] = request.prompt_token_ids[s.start + 1:last + 1]
             offset = end
+        batch.history_writes = self.slots.take_writes()
         return batch
 
     def _empty(self, decode_only: bool, num_tokens: int, rows: int) -> StepBatch:
@@ -146,7 +169,9 @@ class ModelRunner:
     def execute(self, batch: StepBatch) -> StepOutput:
         """Dispatch one step; returns its device arrays (token ids, logprobs, ...) without waiting."""
         fn = self._decode if batch.decode_only else self._mixed
-        out, self.pools = fn(*batch.args(self.model.params, self.pools))
+        if batch.history_writes is not None:
+            self.history = self._write_rows(self.history, *batch.history_writes)
+        out, self.pools, self.history = fn(*batch.args(self.model.params, self.pools, self.history))
         return out
 
     def swap(self, swap_out: list[SwapOp], swap_in: list[SwapOp]) -> None:
@@ -172,12 +197,18 @@ class ModelRunner:
         shapes = self.shapes.warmup()
         for decode_only, num_tokens, rows in tqdm(shapes, desc="compiling step buckets", disable=not progress):
             jax.block_until_ready(self.execute(self._empty(decode_only, num_tokens, rows)))
+        vocab = self.model.config.vocab_size
+        for n in self.slots.write_buckets:  # padding rows only: they write nowhere
+            self.history = self._write_rows(self.history, np.full(n, NO_SLOT, np.int32), np.zeros((n, vocab), np.int32),
+                                            np.zeros((n, vocab), np.float32))
         if self.swapper is not None:
             self.pools = self.swapper.warmup(self.pools)
-        logger.info("warmup compiled %d step and swap shapes: decode buckets %s, mixed buckets %s",
-                    self.num_compilations(), list(self.seq_buckets), list(self.token_buckets))
+        writes = self._write_rows._cache_size()
+        logger.info("warmup compiled %d step and swap shapes and %d logit-history writes: decode buckets %s, "
+                    "mixed buckets %s", self.num_compilations() - writes, writes, list(self.seq_buckets),
+                    list(self.token_buckets))
 
     def num_compilations(self) -> int:
         """Distinct compiled step (and swap) executables so far (flat after warmup means no recompiles)."""
         swaps = self.swapper.num_compilations() if self.swapper is not None else 0
-        return self._mixed._cache_size() + self._decode._cache_size() + swaps
+        return self._mixed._cache_size() + self._decode._cache_size() + self._write_rows._cache_size() + swaps

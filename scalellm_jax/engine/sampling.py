@@ -1,4 +1,4 @@
-"""On-device token sampling with per-row parameters (greedy, temperature, top-k, top-p, seed).
+"""On-device token sampling with per-row parameters (greedy, temperature, min-p, top-k, top-p, seed).
 
 Every row carries its own parameters and its own PRNG key, and the randomness for a row depends
 only on (its key, its step), so a request's tokens do not change with whatever else is batched
@@ -103,16 +103,28 @@ def _gathered(need: jax.Array, solve) -> jax.Array:
     return jax.lax.while_loop(lambda s: jnp.any(need & ~s[0]), chunk, start)[1]
 
 
-def filter_thresholds(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Per row, the smallest logit that top-k then top-p keep (top-p over the top-k renormalised); every
-    logit at or above it is kept, ties included; -inf where neither filters. The most likely token always
-    survives. ``top_k`` <= 0: off; ``top_p`` >= 1: off."""
+def filter_thresholds(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, floor: jax.Array) -> jax.Array:
+    """Per row, the smallest logit that top-k then top-p keep (top-p over the kept logits renormalised); every
+    logit at or above it is kept, ties included; -inf where nothing filters. ``floor`` [B]: logits below it
+    go first (min_p's cut; -inf: none). The most likely token always survives. ``top_k`` <= 0: off;
+    ``top_p`` >= 1: off."""
     vocab = scaled.shape[-1]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    return _gathered((k < vocab) | (top_p < 1), lambda idx: _row_thresholds(scaled[idx], k[idx], top_p[idx]))
+    by_rank = _gathered((k < vocab) | (top_p < 1),
+                        lambda idx: _row_thresholds(scaled[idx], k[idx], top_p[idx], floor[idx]))
+    return jnp.maximum(by_rank, floor)
 
 
-def _row_thresholds(x: jax.Array, k: jax.Array, top_p: jax.Array) -> jax.Array:
+def min_p_floor(scaled: jax.Array, min_p: jax.Array) -> jax.Array:
+    """[B]: the logit below which a token's probability is under ``min_p`` × the top token's (-inf: off)."""
+    return jax.lax.cond(
+        jnp.any(min_p > 0),
+        lambda: jnp.where(min_p > 0, jnp.max(scaled, axis=-1) + jnp.log(jnp.maximum(min_p, 1e-30)), -jnp.inf),
+        lambda: jnp.full(min_p.shape, -jnp.inf, jnp.float32),
+    )
+
+
+def _row_thresholds(x: jax.Array, k: jax.Array, top_p: jax.Array, floor: jax.Array) -> jax.Array:
     """``filter_thresholds`` for the rows ``x`` [R, V], with ``k`` in 1..V (V: off)."""
     vocab = x.shape[-1]
     c = min(CANDIDATES, vocab)
@@ -126,7 +138,7 @@ def _row_thresholds(x: jax.Array, k: jax.Array, top_p: jax.Array) -> jax.Array:
     far = (k > c) & (k < vocab)
     t_k = jax.lax.cond(jnp.any(far), lambda: jnp.where(far, _smallest_passing(x, jnp.ones_like(x), k), kth),
                        lambda: kth)
-    t_k = jnp.where(k >= vocab, -jnp.inf, t_k)
+    t_k = jnp.maximum(jnp.where(k >= vocab, -jnp.inf, t_k), floor)
 
     # top-p over the renormalised top-k: the last candidate kept while the mass above it is below top_p;
     # past the candidates, by mass
@@ -152,36 +164,51 @@ def sample(
     temperature: jax.Array,
     top_k: jax.Array,
     top_p: jax.Array,
+    min_p: jax.Array | None = None,
     *,
+    adjust=None,
     thresholds=filter_thresholds,
 ) -> jax.Array:
     """logits [B, V]; keys typed [B]; steps int [B]; per-row params [B] → token ids int32 [B].
+    ``min_p`` [B] (None: off everywhere) applies before top-k and top-p, as in vLLM.
+    ``adjust``: ``(rows [B] bool, fn)``: ``fn(logits)`` applies those rows' logit controls, before
+    everything else (greedy rows included); None: no row has any.
     ``thresholds``: how the top-k/top-p cut-offs are found (another method, for benchmarks).
 
     Gumbel-max over the vocabulary in its original order, restricted to the logits at or above
-    the row's top-k/top-p threshold. A row's draw depends only on its own logits, key and step,
-    never on the other rows. The top-k/top-p thresholds and the noise run only when some row
-    needs them (``lax.cond``); skipping them changes no row's result.
+    the row's top-k/top-p threshold; greedy rows take the plain argmax. A row's draw depends only
+    on its own logits, key and step, never on the other rows. The controls, the thresholds and the
+    noise run only when some row needs them (``lax.cond``); skipping them changes no row's result.
+    Each branch makes its own [B, V] arrays, so skipping one never copies the logits.
     """
     logits = logits.astype(jnp.float32)
-    greedy = first_argmax(logits)
     sampling = temperature > 0
-    filtered = sampling & ((top_k > 0) | (top_p < 1))
+    adjusted = jnp.zeros_like(sampling) if adjust is None else adjust[0]
+    min_p = jnp.zeros_like(top_p) if min_p is None else min_p
+    filtered = sampling & ((top_k > 0) | (top_p < 1) | (min_p > 0))
 
-    def draw():  # all of it inside the cond: an all-greedy batch pays for the argmax alone
-        scaled = logits / jnp.where(sampling, temperature, 1.0)[:, None]
-        threshold = jax.lax.cond(
-            jnp.any(filtered),
-            lambda: thresholds(scaled, jnp.where(filtered, top_k, 0), jnp.where(filtered, top_p, 1.0)),
-            lambda: jnp.full(temperature.shape, -jnp.inf, jnp.float32),
-        )
-        step_keys = jax.vmap(jax.random.fold_in)(keys, steps.astype(jnp.uint32))
-        noise = jax.vmap(lambda key: jax.random.gumbel(key, scaled.shape[-1:], jnp.float32))(step_keys)
-        candidates = jnp.where(scaled >= threshold[:, None], scaled + noise, -jnp.inf)
-        return first_argmax(candidates)
+    def draw():  # all of it inside the cond: a plain greedy batch pays for the argmax alone
+        divisor = jnp.where(sampling, temperature, 1.0)[:, None]  # greedy rows: their logits exactly
+        if adjust is None:
+            scaled = logits / divisor
+        else:
+            scaled = jax.lax.cond(jnp.any(adjusted), lambda: adjust[1](logits) / divisor, lambda: logits / divisor)
 
-    sampled = jax.lax.cond(jnp.any(sampling), draw, lambda: greedy)
-    return jnp.where(sampling, sampled, greedy)
+        def cut():
+            floor = min_p_floor(scaled, jnp.where(filtered, min_p, 0.0))
+            return thresholds(scaled, jnp.where(filtered, top_k, 0), jnp.where(filtered, top_p, 1.0), floor)
+
+        def random():
+            threshold = jax.lax.cond(jnp.any(filtered), cut,
+                                     lambda: jnp.full(temperature.shape, -jnp.inf, jnp.float32))
+            step_keys = jax.vmap(jax.random.fold_in)(keys, steps.astype(jnp.uint32))
+            noise = jax.vmap(lambda key: jax.random.gumbel(key, scaled.shape[-1:], jnp.float32))(step_keys)
+            noisy = jnp.where(sampling[:, None], scaled + noise, scaled)
+            return first_argmax(jnp.where(scaled >= threshold[:, None], noisy, -jnp.inf))
+
+        return jax.lax.cond(jnp.any(sampling), random, lambda: first_argmax(scaled))
+
+    return jax.lax.cond(jnp.any(sampling | adjusted), draw, lambda: first_argmax(logits))
 
 
 def logprobs_and_top(logits: jax.Array, tokens: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:

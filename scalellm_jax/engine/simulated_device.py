@@ -11,10 +11,11 @@ Dispatch is asynchronous as on a GPU: ``execute`` returns at once with results t
 readable when the simulated device finishes the step (steps queue behind each other), so the
 engine's host work for one step overlaps the device's next step exactly as it does for real.
 
-The tokens are not a model's: random ids, except that a request whose prompt is in the workload
-file (``lengths_path``: JSONL rows of ``instruction`` and ``output``) ends with EOS after as many
-tokens as that row's answer had, so a benchmark can replay real answer lengths without telling
-the scheduler (``max_tokens`` stays the client's).
+The tokens are not a model's (logit controls such as ``logit_bias`` have no effect): random ids,
+except that a request whose prompt is in the workload file (``lengths_path``: JSONL rows of
+``instruction`` and ``output``) ends with EOS after as many tokens as that row's answer had, so a
+benchmark can replay real answer lengths without telling the scheduler (``max_tokens`` stays the
+client's).
 """
 
 from __future__ import annotations
@@ -176,10 +177,12 @@ class SimulatedRunner:
         return target
 
     def _ends(self, request) -> bool:
-        """Whether the request's next token is its last (EOS at its workload answer length)."""
+        """Whether the request's next token is its last (EOS at its workload answer length, not before
+        ``min_tokens``: the device would hold EOS back)."""
         target = self._target(request)
-        return (target is not None and request.num_output_tokens + 1 >= target and self._eos is not None
-                and not request.sampling_params.ignore_eos)
+        params = request.sampling_params
+        return (target is not None and request.num_output_tokens + 1 >= max(target, params.min_tokens)
+                and self._eos is not None and not params.ignore_eos)
 
     def prepare(self, scheduled: list[ScheduledRequest], kv) -> SimulatedStep:
         num_tokens = sum(s.num_new_tokens for s in scheduled)

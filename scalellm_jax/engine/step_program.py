@@ -19,6 +19,7 @@ import numpy as np
 
 from scalellm_jax.config import ModelConfig
 from scalellm_jax.engine.buckets import step_buckets
+from scalellm_jax.engine.logit_controls import NO_SLOT, RowControls, apply_controls, controlled_rows, record_tokens
 from scalellm_jax.engine.request import MAX_LOGPROBS
 from scalellm_jax.engine.sampling import logprobs_and_top, row_keys, sample, token_logprobs
 from scalellm_jax.model import Mixtral
@@ -101,11 +102,15 @@ class StepBatch:
     temperature: np.ndarray
     top_k: np.ndarray
     top_p: np.ndarray
+    min_p: np.ndarray
     seeds: np.ndarray
     steps: np.ndarray
+    controls: RowControls  # numpy [rows] each: the logit controls' history slot and penalties
     want_logprobs: np.ndarray  # [rows]: the sampled token's logprob
     want_top: np.ndarray  # [rows]: the TOP_LOGPROBS most likely tokens too
     prompt_targets: np.ndarray  # [tokens]: the next prompt token, for prompt logprobs; -1: not wanted
+    # history rows to write before the step (requests taking a slot): (slots, marks, bias); None: none
+    history_writes: tuple | None = None
 
     @classmethod
     def empty(cls, decode_only: bool, num_tokens: int, rows: int, max_pages_per_seq: int) -> StepBatch:
@@ -122,18 +127,23 @@ class StepBatch:
             temperature=np.zeros(rows, np.float32),
             top_k=np.zeros(rows, np.int32),
             top_p=np.ones(rows, np.float32),
+            min_p=np.zeros(rows, np.float32),
             seeds=np.zeros(rows, np.uint32),
             steps=np.zeros(rows, np.int32),
+            controls=RowControls(slot=np.full(rows, NO_SLOT, np.int32), presence=np.zeros(rows, np.float32),
+                                 frequency=np.zeros(rows, np.float32), repetition=np.ones(rows, np.float32),
+                                 suppress_stop=np.zeros(rows, bool)),
             want_logprobs=np.zeros(rows, bool),
             want_top=np.zeros(rows, bool),
             prompt_targets=np.full(num_tokens, -1, np.int32),
         )
 
-    def args(self, params, pools) -> tuple:
-        """The positional arguments of a step function for this batch."""
+    def args(self, params, pools, history) -> tuple:
+        """The positional arguments of a step function for this batch (``history``: the ``TokenHistory``)."""
         meta = PagedMeta(self.slot_mapping, self.page_table, self.kv_lengths, self.cu_q_lens)
-        return (params, pools, self.tokens, self.positions, meta, self.logits_index, self.temperature, self.top_k,
-                self.top_p, self.seeds, self.steps, self.want_logprobs, self.want_top, self.prompt_targets)
+        return (params, pools, history, self.tokens, self.positions, meta, self.logits_index, self.temperature,
+                self.top_k, self.top_p, self.min_p, self.seeds, self.steps, self.controls, self.want_logprobs,
+                self.want_top, self.prompt_targets)
 
 
 TOP_LOGPROBS = MAX_LOGPROBS  # alternatives a step returns per position when asked
@@ -170,14 +180,16 @@ def _prompt_logprobs(module, params, hidden, targets, k):
     return lp.reshape(-1)[:n], top_lp.reshape(-1, k)[:n], top_ids.reshape(-1, k)[:n]
 
 
-def _step(module, params, pools, tokens, positions, meta, logits_index, temperature, top_k, top_p, seeds, steps,
-          want_logprobs, want_top, prompt_targets):
+def _step(module, params, pools, history, tokens, positions, meta, logits_index, temperature, top_k, top_p, min_p,
+          seeds, steps, controls, want_logprobs, want_top, prompt_targets):
     logits, pools, hidden = module.apply(
         {"params": params}, tokens[None], positions[None], pools, meta, logits_index=logits_index[None],
         return_hidden=True,
     )
     logits = logits[0]
-    next_tokens = sample(logits, row_keys(seeds), steps, temperature, top_k, top_p)
+    adjust = (controlled_rows(history, controls), lambda x: apply_controls(x, history, controls))
+    next_tokens = sample(logits, row_keys(seeds), steps, temperature, top_k, top_p, min_p, adjust=adjust)
+    history = record_tokens(history, controls.slot, next_tokens)
     rows, n = next_tokens.shape[0], tokens.shape[0]
     k = min(TOP_LOGPROBS, logits.shape[-1])
     # A log-softmax over the vocabulary for every row costs ~10% of a CPU decode step: each output only
@@ -194,18 +206,18 @@ def _step(module, params, pools, tokens, positions, meta, logits_index, temperat
         lambda: _prompt_logprobs(module, params, hidden[0], prompt_targets, k),
         lambda: (jnp.zeros((n,), jnp.float32), jnp.zeros((n, k), jnp.float32), jnp.zeros((n, k), jnp.int32)),
     )
-    return StepOutput(next_tokens, logprobs, top_lp, top_ids, *prompt), pools
+    return StepOutput(next_tokens, logprobs, top_lp, top_ids, *prompt), pools, history
 
 
 def step_functions(config: ModelConfig, dtype, choices: PlatformChoices, *, mesh=None, interpret: bool = False):
-    """``{decode_only: jitted step}``; the KV pools (argument 1) are donated."""
+    """``{decode_only: jitted step}``; the KV pools and the token history (arguments 1 and 2) are donated."""
     scale = config.head_dim**-0.5
     functions = {}
     for decode_only in (False, True):
         backend = PagedAttention(config.sliding_window, scale, choices.kernels, decode_only=decode_only,
                                  interpret=interpret, mesh=mesh)
         module = Mixtral(config, backend, dtype, moe_impl=choices.moe_impl, mesh=mesh)
-        functions[decode_only] = jax.jit(functools.partial(_step, module), donate_argnums=(1,))
+        functions[decode_only] = jax.jit(functools.partial(_step, module), donate_argnums=(1, 2))
     return functions
 
 

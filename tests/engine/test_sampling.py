@@ -3,7 +3,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scalellm_jax.engine.sampling import filter_thresholds, first_argmax, row_keys, sample, token_logprobs
+from scalellm_jax.engine.sampling import (
+    filter_thresholds,
+    first_argmax,
+    min_p_floor,
+    row_keys,
+    sample,
+    token_logprobs,
+)
 
 
 def draw(logits, seeds, steps, temperature, top_k, top_p):
@@ -91,14 +98,17 @@ def test_first_argmax_matches_argmax_with_ties_and_stays_in_range_on_nan(vocab):
 # ---------------------------------------------------------------------------------------------- top-k / top-p
 
 
-def reference_thresholds(scaled: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray:
-    """The definition, by sorting each row: the smallest logit kept by top-k (the k-th largest, ties kept), then
-    by top-p over the renormalised top-k (tokens kept while the mass strictly above them is below top_p)."""
+def reference_thresholds(scaled: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, min_p=None) -> np.ndarray:
+    """The definition, by sorting each row: min-p's cut (probability at least min_p × the top one's), the smallest
+    logit kept by top-k (the k-th largest, ties kept), then top-p over what those keep renormalised (tokens kept
+    while the mass strictly above them is below top_p)."""
     out = np.empty(len(scaled), np.float32)
     for i, row in enumerate(scaled.astype(np.float64)):
         desc = np.sort(row)[::-1]
         k = len(row) if top_k[i] <= 0 else min(top_k[i], len(row))
         t_k = desc[k - 1] if k < len(row) else -np.inf
+        if min_p is not None and min_p[i] > 0:
+            t_k = max(t_k, desc[np.exp(desc - desc[0]) >= min_p[i]][-1])
         kept = desc[desc >= t_k]
         if top_p[i] >= 1:
             out[i] = t_k
@@ -129,16 +139,22 @@ def test_filter_thresholds_match_the_sorted_definition(vocab, kind):
     top_k = rng.choice([0, -1, 1, 2, 40, 64, 65, 200, vocab, vocab + 5], rows)
     top_p = rng.choice([1.0, 0.999, 0.95, 0.9, 0.5, 0.1, 1e-6], rows).astype(np.float32)
     top_k[:4], top_p[:4] = [0, 100, 0, 70], [0.9, 1.0, 0.99, 0.95]  # candidates too few on flat rows
-    got = np.asarray(filter_thresholds(jnp.asarray(x), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p)))
-    want = reference_thresholds(x, top_k, top_p)
-    for i in np.flatnonzero(got != want):  # allowed only where float rounding decides: a mass right at top_p
-        row = x[i].astype(np.float64)
-        kept = row[row >= reference_thresholds(x[i : i + 1], top_k[i : i + 1], np.ones(1))[0]]
+    min_p = np.where(rng.random(rows) < 0.3, rng.choice([1e-4, 0.01, 0.1, 0.5, 1.0], rows), 0.0).astype(np.float32)
+    got = np.asarray(filter_thresholds(jnp.asarray(x), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p),
+                                       min_p_floor(jnp.asarray(x), jnp.asarray(min_p))))
+    want = reference_thresholds(x, top_k, top_p, min_p)
+    differ = np.any((x >= got[:, None]) != (x >= want[:, None]), axis=1)  # the kept sets (min-p cuts by value)
+    for i in np.flatnonzero(differ):  # allowed only where float rounding decides: a mass right at top_p,
+        row = x[i].astype(np.float64)     # or a probability ratio right at min_p
+        if min_p[i] > 0 and np.min(np.abs(np.exp(row - row.max()) / min_p[i] - 1)) < 1e-5:
+            continue
+        kept = row[row >= reference_thresholds(x[i : i + 1], top_k[i : i + 1], np.ones(1), min_p[i : i + 1])[0]]
         probs = np.exp(kept - kept.max()) / np.exp(kept - kept.max()).sum()
         assert top_p[i] < 1 and abs(probs[kept > min(got[i], want[i])].sum() - top_p[i]) < 1e-5, (i, got[i], want[i])
 
 
 def test_filter_thresholds_keep_ties_and_the_top_token():
     x = np.array([[3.0, 1.0, 3.0, 1.0, 1.0, 0.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]], np.float32)
-    got = np.asarray(filter_thresholds(jnp.asarray(x), jnp.asarray([2, 3], jnp.int32), jnp.asarray([1.0, 1e-6])))
+    got = np.asarray(filter_thresholds(jnp.asarray(x), jnp.asarray([2, 3], jnp.int32), jnp.asarray([1.0, 1e-6]),
+                                       jnp.full(2, -jnp.inf)))
     np.testing.assert_array_equal(got, [3.0, 5.0])  # the 2nd largest is a tie with the 1st; a flat row keeps all
