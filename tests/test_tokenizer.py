@@ -1,4 +1,5 @@
-"""Tokenizers: the incremental detokenizer (multi-byte characters, leading spaces, stop strings) and chat prompts."""
+"""Tokenizers: the incremental detokenizer (multi-byte characters, leading spaces, stop strings, vLLM's text
+options) and chat prompts."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ def mistral():
     return MistralTokenizer()
 
 
-def _stream(tokenizer, ids, rng, stop=()):
+def _stream(tokenizer, ids, rng, stop=(), **options):
     """Feed ``ids`` in random chunks; returns (every visible text, the detokenizer)."""
-    detok = IncrementalDetokenizer(tokenizer, stop)
+    detok = IncrementalDetokenizer(tokenizer, stop, **options)
     seen, i = [], 0
     while i < len(ids) and not detok.stopped:
         k = rng.randint(1, 3)
@@ -80,6 +81,121 @@ def test_stop_strings_spanning_tokens_cut_the_text_and_nothing_is_retracted(mist
     assert detok.stopped and seen[-1] == text[: text.index(stop)]
     assert all(b.startswith(a) for a, b in zip(seen, seen[1:], strict=False))
     assert all(stop not in s for s in seen)
+
+
+def _reference(tokenizer, ids, stop=(), include_stop=False, skip_special_tokens=True, min_tokens=0):
+    """(final text, stopped) from full decodes, the stop strings looked for one character at a time."""
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    if len(ids) <= min_tokens:
+        return text, False
+    # the text of the first min_tokens tokens, less an incomplete last character (a later token completes it)
+    first = len(tokenizer.decode(ids[:min_tokens], skip_special_tokens=skip_special_tokens).rstrip("\ufffd"))
+    for end in range(first + 1, len(text) + 1):
+        hits = [s for s in stop if text.endswith(s, 0, end)]
+        if hits:
+            return text[: end if include_stop else end - len(max(hits, key=len))], True
+    return text, False
+
+
+def _random_options(rng, text, num_tokens):
+    stops = []
+    for _ in range(rng.randint(0, 3)):
+        i = rng.randrange(len(text) + 1)
+        stops.append(text[i : i + rng.randint(1, 4)] or "never there")
+    return dict(stop=stops, include_stop=rng.random() < 0.5, min_tokens=rng.choice([0, rng.randint(0, num_tokens + 1)]))
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_text_options_stream_like_a_full_decode(mistral, skip_special_tokens):
+    """Random tokens (byte-fallback pieces, BOS and EOS often), random stops taken from the text, random
+    include_stop and min_tokens, random chunks: the streamed text is the reference's and never retracted."""
+    rng = random.Random(int(skip_special_tokens))
+    for _ in range(300):
+        ids = [rng.choice([1, 2]) if rng.random() < 0.15 else rng.randrange(3, 259) if rng.random() < 0.4
+               else rng.randrange(32000) for _ in range(rng.randint(1, 24))]
+        options = _random_options(rng, mistral.decode(ids, skip_special_tokens=skip_special_tokens), len(ids))
+        options["skip_special_tokens"] = skip_special_tokens
+        seen, detok = _stream(mistral, ids, rng, **options)
+        assert (seen[-1], detok.stopped) == _reference(mistral, ids, **options), (ids, options)
+        assert all(b.startswith(a) for a, b in zip(seen, seen[1:], strict=False)), (ids, options)
+
+
+def test_hf_special_tokens_stream_like_a_full_decode(hf_folder):
+    tokenizer = HFTokenizer(hf_folder[0])
+    assert tokenizer.decode([1, 3, 2, 4], skip_special_tokens=False) == "<s> hello </s> world"
+    assert tokenizer.decode([1, 3, 2, 4]) == "hello world"
+    rng = random.Random(2)
+    for _ in range(100):
+        ids = [rng.randrange(7) for _ in range(rng.randint(1, 12))]
+        options = _random_options(rng, tokenizer.decode(ids, skip_special_tokens=False), len(ids))
+        seen, detok = _stream(tokenizer, ids, rng, skip_special_tokens=False, **options)
+        assert (seen[-1], detok.stopped) == _reference(tokenizer, ids, skip_special_tokens=False, **options)
+
+
+def test_mistral_special_tokens_decode_in_mistrals_v1_chat_format(mistral):
+    ids = mistral.apply_chat_template([{"role": "user", "content": "Hello, how are you?"},
+                                       {"role": "assistant", "content": "Fine, and you?"},
+                                       {"role": "user", "content": "I'm doing great!"}])
+    # Mistral's documented string form of a v1 conversation: only the first piece loses its space
+    assert (mistral.decode(ids, skip_special_tokens=False)
+            == "<s> [INST] Hello, how are you? [/INST] Fine, and you?</s> [INST] I'm doing great! [/INST]")
+    assert mistral.decode(ids) == "[INST] Hello, how are you? [/INST] Fine, and you? [INST] I'm doing great! [/INST]"
+    assert mistral.decode([2, 1, 2], skip_special_tokens=False) == "</s><s></s>"
+    assert mistral.decode(mistral.encode("Hi", add_bos=False) + [2], skip_special_tokens=False) == "Hi</s>"
+
+
+@pytest.mark.parametrize("stop", ["wörld", "d —", "!", "\n\nnew", "Hello"])
+def test_include_stop_ends_the_text_after_the_stop_and_holds_nothing_back(mistral, stop):
+    text = TEXTS[0]
+    ids = mistral.encode(text, add_bos=False)
+    rng = random.Random(stop)
+    detok = IncrementalDetokenizer(mistral, [stop, "never there"], include_stop=True)
+    seen, i = [], 0
+    while not detok.stopped:
+        k = rng.randint(1, 3)
+        detok.add(ids[i:i + k])
+        i += k
+        assert detok.text() == detok.text(finished=True)  # no holdback: a kept stop never needs retracting
+        seen.append(detok.text())
+    assert seen[-1] == text[: text.index(stop) + len(stop)]
+    assert all(b.startswith(a) for a, b in zip(seen, seen[1:], strict=False))
+
+
+@pytest.mark.parametrize("include_stop", [False, True])
+def test_the_first_stop_string_to_complete_wins_however_the_tokens_arrive(mistral, include_stop):
+    ids = mistral.encode("Hello world", add_bos=False)  # "▁Hello", "▁world"
+    for stop, before, after in [(["lo world", "wor"], "Hello ", "Hello wor"),  # "wor" ends first
+                                (["ld", "world"], "Hello ", "Hello world")]:  # same end: the longer one
+        for chunks in ([ids], [ids[:1], ids[1:]]):
+            detok = IncrementalDetokenizer(mistral, stop, include_stop=include_stop)
+            for chunk in chunks:
+                detok.add(chunk)
+            assert detok.stopped and detok.text() == (after if include_stop else before)
+
+
+@pytest.mark.parametrize("min_tokens, stop, expected", [
+    (0, "one", ""), (1, "one", "one two "), (3, "one", "one two one two"),
+    (2, "two one", "one "),  # starts in the first two tokens' text, ends in the third's: it counts
+    (3, "two one", "one two one two"), (4, "two", "one two one two"),
+])
+def test_min_tokens_ignores_stop_strings_ending_in_the_first_tokens_text(mistral, min_tokens, stop, expected):
+    ids = mistral.encode("one two one two", add_bos=False)  # "▁one", "▁two", "▁one", "▁two"
+    for chunk in (1, 4):  # token by token, or all at once
+        detok = IncrementalDetokenizer(mistral, [stop], min_tokens=min_tokens)
+        for i in range(0, len(ids), chunk):
+            detok.add(ids[i:i + chunk])
+        detok.finish()
+        assert detok.text(finished=True) == expected and detok.stopped == (expected != "one two one two")
+
+
+@pytest.mark.parametrize("min_tokens, expected", [(4, "ok "), (6, "ok 🦜 ")])
+def test_min_tokens_counts_a_character_by_the_token_that_completes_it(mistral, min_tokens, expected):
+    ids = mistral.encode("ok 🦜 🦜", add_bos=False)  # "▁ok", "▁", then each parrot as four byte pieces
+    for chunk in (1, 3, len(ids)):
+        detok = IncrementalDetokenizer(mistral, ["🦜"], min_tokens=min_tokens)
+        for i in range(0, len(ids), chunk):
+            detok.add(ids[i:i + chunk])
+        assert detok.stopped and detok.text() == expected  # min_tokens=4 ends mid-parrot: its last byte counts
 
 
 def test_unfinished_text_holds_back_a_possible_stop_prefix(mistral):
