@@ -116,6 +116,7 @@ class Generator:
         stop = req.stop or ()  # SamplingParams turns one string into a one-item tuple
         # echo with logprobs covers the prompt tokens too, with as many alternatives as the output's
         prompt_logprobs = max(req.prompt_logprobs or 0, top) if echo and logprobs else req.prompt_logprobs
+        controls = req.logit_controls()
         choices = []
         for p in range(len(prompts)):
             for i in range(req.n):
@@ -124,7 +125,7 @@ class Generator:
                     params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0),
                                             top_p=req.top_p, seed=seed, stop=stop, ignore_eos=req.ignore_eos,
                                             stop_token_ids=tuple(req.stop_token_ids or ()), logprobs=logprobs,
-                                            top_logprobs=top, prompt_logprobs=prompt_logprobs)
+                                            top_logprobs=top, prompt_logprobs=prompt_logprobs, **controls)
                 except ValueError as exc:
                     raise from_engine_error(exc, prompt_field) from None
                 choices.append((p, params))

@@ -1,29 +1,36 @@
 """OpenAI request and response schemas (pydantic), the subset this server implements.
 
 Requests are validated strictly (no "10" for 10). Tolerant where OpenAI and vLLM are: a field this
-server does not implement is accepted at its neutral value (``frequency_penalty: 0``, ``tools: null``,
+server does not implement is accepted at its neutral value (``best_of: 1``, ``tools: null``,
 ``response_format: {"type": "text"}``: what client libraries send by default) and is a 400 naming it
 otherwise; a field nobody here knows is ignored, with one warning per field name in the log (vLLM's
 behaviour). The response models document the API in ``/openapi.json``; non-streaming responses are
 built through them. Non-OpenAI fields, as in vLLM: ``top_k``, ``priority``, ``ignore_eos``,
-``stop_token_ids``.
+``stop_token_ids``, ``prompt_logprobs``, ``repetition_penalty``, ``min_p``, ``min_tokens``,
+``include_stop_str_in_output``, ``skip_special_tokens``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from scalellm_jax.engine.request import MAX_LOGPROBS, SEED_LIMIT
+from scalellm_jax.engine.request import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY, SEED_LIMIT
 
 MAX_N = 16  # choices per request: each is a full engine request
 MAX_STOP = 16
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# OpenAI's logit_bias: token ids as JSON object keys (strings of at most 20 digits: int() stays cheap, and an id
+# past the vocabulary is the engine's 400), biases added to those tokens' logits
+TOKEN_ID_KEY = r"^[0-9]{1,20}$"
+LogitBias = dict[Annotated[str, Field(pattern=TOKEN_ID_KEY)],
+                 Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]]
 
 
 class _Request(BaseModel):
@@ -38,9 +45,7 @@ class StreamOptions(_Request):
 # Fields this server does not implement, accepted at their neutral values (the values that change nothing);
 # any other value is a 400 that names the field. Fields of one endpoint only are checked only there.
 NEUTRAL_ONLY: dict[str, tuple[Any, ...]] = {
-    "frequency_penalty": (0,), "presence_penalty": (0,), "repetition_penalty": (1,),
-    "logit_bias": (None, {}), "min_p": (0,), "min_tokens": (0,), "include_stop_str_in_output": (False,),
-    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
     "suffix": (None, ""), "best_of": (None, 1),
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
     "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
@@ -101,6 +106,26 @@ def _check_stop(value: Any) -> Any:
     return value
 
 
+def _check_logit_bias(value: Any) -> Any:
+    """One message naming ``logit_bias`` (pydantic's own would name ``logit_bias.<key>``, one per bad entry)."""
+    if value is None:
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError("logit_bias", "must be an object mapping token ids to biases, got {kind}",
+                                  {"kind": type(value).__name__})
+    for key, bias in value.items():
+        if not isinstance(key, str) or not re.fullmatch(TOKEN_ID_KEY, key):
+            shown = json.dumps(key)[:40] if isinstance(key, str) else repr(key)
+            raise PydanticCustomError("logit_bias", "keys must be token ids (non-negative integers written as "
+                                      "strings, such as \"50256\"), got {key}", {"key": shown})
+        # NaN and infinities fail the comparison too
+        if not isinstance(bias, int | float) or isinstance(bias, bool) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise PydanticCustomError("logit_bias", "the bias of token {key} must be a number in [-{limit}, {limit}], "
+                                      "got {bias}", {"key": key, "limit": f"{MAX_LOGIT_BIAS:g}",
+                                                     "bias": json.dumps(bias)[:40]})
+    return value
+
+
 class _SamplingFields(_TopLevel):
     """Fields shared by both endpoints (they become a ``SamplingParams`` per choice)."""
 
@@ -124,11 +149,46 @@ class _SamplingFields(_TopLevel):
     ignore_eos: bool = Field(False, description="Non-OpenAI. Generate max_tokens tokens even past EOS.")
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
         "vLLM: each prompt token's logprob and this many most likely tokens, in the choice's prompt_logprobs."))
+    # Logit controls, with vLLM's definitions; null means the neutral value, as OpenAI's nullable fields do.
+    presence_penalty: float | None = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, description=(
+        "Subtracted from the logit of every token already in the output (positive: new topics)."))
+    frequency_penalty: float | None = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, description=(
+        "Times a token's count in the output, subtracted from its logit (positive: less repetition)."))
+    logit_bias: LogitBias | None = Field(None, description=(
+        f"Token id (as a string) → bias in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] added to its logit; "
+        "±100 bans or forces the token. Ids outside the vocabulary are a 400."))
+    repetition_penalty: float | None = Field(1.0, gt=0, description=(
+        "vLLM: logits of tokens in the prompt or the output are divided by this when positive, multiplied "
+        "when negative; 1 is off, > 1 discourages repetition."))
+    min_p: float | None = Field(0.0, ge=0, le=1, description=(
+        "vLLM: tokens less likely than min_p times the most likely token's probability are dropped; 0 is off."))
+    min_tokens: int = Field(0, ge=0, description=(
+        "vLLM: neither EOS, stop_token_ids nor stop strings end the choice before this many tokens "
+        "(at most max_tokens)."))
+    include_stop_str_in_output: bool = Field(False, description=(
+        "vLLM: the stop string (or the stop token's text) that ended the choice stays at the end of the text."))
+    skip_special_tokens: bool = Field(True, description="vLLM: special tokens (such as EOS) have no text in the "
+                                                        "output; false shows them.")
 
     @field_validator("stop", mode="before")
     @classmethod
     def stop_is_clear(cls, value: Any) -> Any:  # one message saying what is wrong, not one per union member
         return _check_stop(value)
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def logit_bias_is_clear(cls, value: Any) -> Any:
+        return _check_logit_bias(value)
+
+    def logit_controls(self) -> dict[str, Any]:
+        """The logit controls as ``SamplingParams`` fields (null → neutral, logit_bias keys → token ids;
+        pairs, not a dict, so that "5" and "05" reach SamplingParams' duplicate check)."""
+        return dict(presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+                    repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                    logit_bias=[(int(token), bias) for token, bias in (self.logit_bias or {}).items()],
+                    min_p=self.min_p or 0.0, min_tokens=self.min_tokens,
+                    include_stop_str_in_output=self.include_stop_str_in_output,
+                    skip_special_tokens=self.skip_special_tokens)
 
 
 class CompletionRequest(_SamplingFields):
