@@ -24,6 +24,9 @@ class Tokenizer(Protocol):
     bos_id: int | None
     eos_id: int | None
     vocab_size: int
+    # the most characters of text one token can stand for (its longest piece): a text longer than this
+    # times a token limit cannot fit in it, which is known before tokenizing
+    max_token_chars: int
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
 
@@ -55,6 +58,7 @@ class MistralTokenizer:
         self.eos_id = self._inner.eos_id
         self.vocab_size = self._inner.n_words
         self._special = self._inner.special_ids  # SentencePiece's control tokens: <s>, </s>
+        self.max_token_chars = max(len(self._inner.id_to_piece(i)) for i in range(self.vocab_size))
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return self._inner.encode(text, bos=add_bos, eos=False)
@@ -109,6 +113,7 @@ class HFTokenizer:
         self.bos_id = self._inner.bos_token_id
         self.eos_id = self._inner.eos_token_id
         self.vocab_size = len(self._inner)
+        self.max_token_chars = max(map(len, self._inner.get_vocab()))  # added (special) tokens included
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self._inner.encode(text, add_special_tokens=False)

@@ -19,6 +19,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from scalellm_jax.server import protocol
+from scalellm_jax.server.body import read_json_body
 from scalellm_jax.server.config import ServerConfig
 from scalellm_jax.server.errors import APIError, from_validation_error
 from scalellm_jax.server.generation import Generator
@@ -58,8 +59,8 @@ class ServerState:
     def live_generator(self) -> Generator:
         if self.generator is None:
             raise APIError(503, "the model is still loading; GET /health turns 200 when it is ready")
-        if self.served.engine.error is not None:
-            raise APIError(503, f"the engine stopped: {self.served.engine.error!r}")
+        if self.served.engine.error is not None:  # what failed is in the log, never in a response
+            raise APIError(503, "the engine stopped after an internal error; the server must be restarted")
         return self.generator
 
 
@@ -150,9 +151,9 @@ async def _errors_middleware(request: web.Request, handler):
                                                          if k.lower() == "allow"}).response()
     except ConnectionResetError:
         raise  # the client is gone: nothing to answer
-    except Exception as exc:
+    except Exception:
         logger.exception("unhandled error in %s %s", request.method, request.path)
-        return APIError(500, f"internal error: {exc!r}").response()
+        return APIError(500, "internal error (logged by the server)").response()
 
 
 _GUARDED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
@@ -216,8 +217,9 @@ async def _model(request: web.Request) -> web.Response:
 
 
 async def _parse(request: web.Request, schema):
+    raw = await read_json_body(request)
     try:
-        req = schema.model_validate_json(await request.read())
+        req = schema.model_validate_json(raw)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
     unimplemented = req.unimplemented_field()
@@ -272,8 +274,8 @@ async def _health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.served is None:
         return _json({"status": "loading"}, 503)
-    if state.served.engine.error is not None:
-        return _json({"status": "engine stopped", "error": repr(state.served.engine.error)}, 503)
+    if state.served.engine.error is not None:  # the error itself is in the log, not for anyone who asks
+        return _json({"status": "engine stopped"}, 503)
     return _json({"status": "ok"})
 
 

@@ -13,7 +13,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable"}
+          413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+          500: "internal_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):

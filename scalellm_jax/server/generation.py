@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import random
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +30,8 @@ from scalellm_jax.server.errors import APIError, from_engine_error
 from scalellm_jax.server.job import Choice, Job
 from scalellm_jax.server.loading import ServedModel
 from scalellm_jax.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
 # Prompts (chat: all message text) up to this many characters are tokenized on the engine thread:
@@ -56,6 +59,9 @@ class Generator:
     async def completion_job(self, req: protocol.CompletionRequest) -> Job:
         encode = self.served.tokenizer.encode
         texts = req.prompts()
+        for text in texts:
+            if isinstance(text, str):
+                self._check_fits(len(text), "prompt")
         prompts = [p if isinstance(p, list) else await self._tokenize(len(p), encode, p) for p in texts]
         max_tokens = req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
         job = self._job(req, False, prompts, max_tokens, req.logprobs is not None, req.logprobs or 0, "prompt",
@@ -68,12 +74,22 @@ class Generator:
             raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         size = sum(len(m["content"]) for m in messages)
+        self._check_fits(size, "messages")
         try:
             prompt = await self._tokenize(size, self.served.tokenizer.apply_chat_template, messages)
         except ValueError as exc:
             raise from_engine_error(exc, "messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens or self.served.max_model_len
         return self._job(req, True, [prompt], max_tokens, req.logprobs, req.top_logprobs or 0, "messages")
+
+    def _check_fits(self, chars: int, field: str) -> None:
+        """Refuse, before any tokenizing, a text too long for the context whatever its tokens (a 15 MB prompt
+        is a 400 in microseconds, not after seconds of tokenizing)."""
+        per_token = getattr(self.served.tokenizer, "max_token_chars", None)
+        limit = self.served.max_model_len
+        if per_token and chars > per_token * limit:
+            raise APIError(400, f"{field}: {chars} characters cannot fit in the model's context of {limit} tokens "
+                                f"(one token stands for at most {per_token} characters)", param=field)
 
     async def _tokenize(self, size: int, fn, arg) -> Prompt:
         """Token ids from the pool for a long input; for a short one, a call the engine thread makes
@@ -141,7 +157,12 @@ class Generator:
 
     @contextlib.contextmanager
     def admit(self, num_requests: int):
-        """Reserve engine slots for a request's choices, or refuse with 429 when the queue is full."""
+        """Reserve engine slots for a request's choices, or refuse with 429 when the queue is full (400 when
+        it could never fit, even on an idle server: retrying would not help)."""
+        if num_requests > self._max_in_flight:
+            raise APIError(400, f"n: the request needs {num_requests} engine requests (prompts × n), more than this "
+                                f"server holds at once ({self._max_in_flight}: --max-num-seqs plus "
+                                "--max-queued-requests); send fewer prompts or a smaller n", param="n")
         if self.in_flight + num_requests > self._max_in_flight:
             raise APIError(429, f"the server is at capacity ({self.in_flight} requests in flight); retry later",
                            headers={"Retry-After": self._retry_after})
@@ -184,6 +205,13 @@ class Generator:
     async def _stream(self, job: Job, choices: list[Choice], first, events, http_request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http_request)
+        try:
+            await self._stream_events(job, choices, first, events, response)
+        except ConnectionResetError:  # noticed on a write: the client went away; ``run`` aborts its requests
+            logger.info("%s: the client disconnected during the stream", job.request_id)
+        return response
+
+    async def _stream_events(self, job: Job, choices: list[Choice], first, events, response) -> None:
         encoder = responses.ChunkEncoder(job, self.served.tokenizer, choices)
         try:
             event = first
@@ -208,7 +236,6 @@ class Generator:
             await response.write(exc.sse_event())
         await response.write(responses.DONE)
         await response.write_eof()
-        return response
 
     def _record(self, choices: list[Choice], index: int, out: RequestOutput) -> None:
         choice = choices[index]

@@ -96,8 +96,9 @@ def test_api_key_guards_v1_only(make_server):
 
 def test_full_queue_is_429_with_retry_after(make_server, served):
     server = make_server(max_queued_requests=0)  # room for max_num_seqs (4) engine requests in all
-    status, headers, body = call(server.url + "/v1/completions", {**COMPLETION, "n": 5})
-    assert status == 429 and int(headers["Retry-After"]) >= 1 and body["error"]["type"] == "rate_limit_error"
+    # more than the server could ever hold: a 400 that says why, not a 429 to retry forever
+    message = _error(call(server.url + "/v1/completions", {**COMPLETION, "n": 3, "prompt": ["a", "b"]}), 400, "n")
+    assert "6 engine requests" in message and "(4:" in message
 
     async def main():
         long = {**COMPLETION, "max_tokens": 60, "ignore_eos": True, "stream": True, "n": 2}
@@ -106,12 +107,13 @@ def test_full_queue_is_429_with_retry_after(make_server, served):
             second = await session.post(server.url + "/v1/completions", json=long)
             assert (first.status, second.status) == (200, 200)
             async with session.post(server.url + "/v1/completions", json=COMPLETION) as third:
-                status = third.status
+                status, headers, body = third.status, third.headers, await third.json()
             first.close()
             second.close()
-            return status
+            return status, headers, body
 
-    assert asyncio.run(main()) == 429
+    status, headers, body = asyncio.run(main())
+    assert status == 429 and int(headers["Retry-After"]) >= 1 and body["error"]["type"] == "rate_limit_error"
     wait_until(lambda: kv_pages_in_use(served) == 0)
     assert call(server.url + "/v1/completions", COMPLETION)[0] == 200  # slots are released
 
