@@ -174,7 +174,7 @@ class LLMEngine:
         outside = [token for token, _ in params.logit_bias if token >= vocab]
         if outside:
             raise ValueError(f"logit_bias: token {outside[0]} is outside the vocabulary [0, {vocab})")
-        validate_prompt(prompt_token_ids, self.max_model_len, self.model.config.vocab_size)
+        validate_prompt(prompt_token_ids, self.max_model_len, vocab)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         request = self._finish(request_id, RequestStatus.FINISHED_ABORTED)
