@@ -186,14 +186,17 @@ class Generator:
                 engine.abort(f"{job.request_id}-{k}")
             raise _engine_failure(exc, job.prompt_field) from None
         choices = [Choice(k, self.metrics.tracker(arrival)) for k in range(len(job.choices))]
+        # outputs carry their engine request id; the choice is found from it (one generator level less per
+        # token than yielding (index, output) pairs)
+        index = {f"{job.request_id}-{k}": choices[k] for k in range(len(choices))}
         events = _merge(streams)
         try:
             first = await anext(events)  # before any byte is sent: an engine-side refusal is still a 400
             if job.stream:
-                return await self._stream(job, choices, first, events, http_request)
-            self._record(choices, *first)
-            async for event in events:
-                self._record(choices, *event)
+                return await self._stream(job, choices, index, first, events, http_request)
+            self._record(index[first.request_id], first)
+            async for out in events:
+                self._record(index[out.request_id], out)
             _check_finished(choices)
             return web.Response(body=responses.full_response(job, choices, self.served.tokenizer).encode(),
                                 content_type="application/json")
@@ -202,29 +205,32 @@ class Generator:
         finally:
             await events.aclose()
 
-    async def _stream(self, job: Job, choices: list[Choice], first, events, http_request) -> web.StreamResponse:
+    async def _stream(self, job: Job, choices: list[Choice], index: dict[str, Choice], first: RequestOutput, events,
+                      http_request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http_request)
         try:
-            await self._stream_events(job, choices, first, events, response)
+            await self._stream_events(job, choices, index, first, events, response)
         except ConnectionResetError:  # noticed on a write: the client went away; ``run`` aborts its requests
             logger.info("%s: the client disconnected during the stream", job.request_id)
         return response
 
-    async def _stream_events(self, job: Job, choices: list[Choice], first, events, response) -> None:
+    async def _stream_events(self, job: Job, choices: list[Choice], index: dict[str, Choice], first: RequestOutput,
+                             events, response) -> None:
         encoder = responses.ChunkEncoder(job, self.served.tokenizer, choices)
         try:
-            event = first
+            out = first
             while True:
-                self._record(choices, *event)
-                chunk = encoder.chunk(choices[event[0]])
+                choice = index[out.request_id]
+                self._record(choice, out)
+                chunk = encoder.chunk(choice)
                 if chunk:
                     await response.write(chunk)
-                    if self._stream_interval and not event[1].finished:
+                    if self._stream_interval and not out.finished:
                         # let tokens pile up: the stream then hands over only the newest output
                         await asyncio.sleep(self._stream_interval)
                 try:
-                    event = await anext(events)
+                    out = await anext(events)
                 except StopAsyncIteration:
                     break
             _check_finished(choices)
@@ -237,8 +243,7 @@ class Generator:
         await response.write(responses.DONE)
         await response.write_eof()
 
-    def _record(self, choices: list[Choice], index: int, out: RequestOutput) -> None:
-        choice = choices[index]
+    def _record(self, choice: Choice, out: RequestOutput) -> None:
         choice.output = out
         now = time.monotonic()
         choice.tracker.on_output(len(out.token_ids), out.queue_time, now)
@@ -258,14 +263,15 @@ def _engine_failure(exc: Exception, prompt_field: str) -> APIError:
     return APIError(500, f"the engine failed this request: {exc}")
 
 
-async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """``(choice index, output)`` from all streams as they come; closing this closes (aborts) them all."""
-    if len(streams) == 1:  # the common case, without tasks
-        async with contextlib.aclosing(streams[0]) as stream:
-            async for out in stream:
-                yield 0, out
-        return
-    # Newest output (or failure) per choice not yet handed on: outputs are cumulative, so a consumer
+def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[RequestOutput]:
+    """Outputs of all streams as they come; closing this closes (aborts) them all."""
+    if len(streams) == 1:  # the common case: the stream itself, no task and no extra generator
+        return streams[0]
+    return _merge_several(streams)
+
+
+async def _merge_several(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[RequestOutput]:
+    # Newest output (or failure) per stream not yet handed on: outputs are cumulative, so a consumer
     # that fell behind skips the older ones, as a single stream does with ``coalesce``.
     latest: dict[int, RequestOutput | Exception] = {}
     wake = asyncio.Event()
@@ -288,11 +294,11 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
             wake.clear()
             ready = sorted(latest.items())
             latest.clear()
-            for index, item in ready:
+            for _, item in ready:
                 if isinstance(item, Exception):
                     raise item
                 remaining -= item.finished
-                yield index, item
+                yield item
     finally:
         for task in tasks:
             task.cancel()

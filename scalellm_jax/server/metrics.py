@@ -1,7 +1,8 @@
 """Prometheus metrics (``GET /metrics``), in a registry owned by one app, not the global one.
 
 Latencies are measured where the client sees them: from the moment the HTTP request arrived to
-the moment the event loop got the engine's output. Queue sizes, KV usage and preemptions are
+the moment the event loop got the engine's output. The per-token ones are kept by the event loop
+without locks (``loop_metrics``). Queue sizes, KV usage and preemptions are
 read from the engine's latest stats snapshot at scrape time.
 """
 
@@ -14,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from scalellm_jax.engine.engine import EngineStats
+from scalellm_jax.server.loop_metrics import LoopMetrics
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
             20.0, 40.0, 80.0)
@@ -33,8 +35,9 @@ class ServerMetrics:
                  "outputs are random tokens.", registry=registry).info({"device": simulated_device})
         self.ttft = Histogram("scalellm_time_to_first_token_seconds", "Time from request arrival to its first token.",
                               buckets=_LATENCY, registry=registry)
-        self.itl = Histogram("scalellm_inter_token_latency_seconds", "Time between consecutive output tokens.",
-                             buckets=_TOKEN_LATENCY, registry=registry)
+        per_token = LoopMetrics(registry)  # updated once per token of every stream: no lock per update
+        self.itl = per_token.histogram("scalellm_inter_token_latency_seconds",
+                                       "Time between consecutive output tokens.", _TOKEN_LATENCY)
         self.e2e = Histogram("scalellm_e2e_request_latency_seconds", "Time from request arrival to its last token.",
                              buckets=_LATENCY, registry=registry)
         self.queue_time = Histogram("scalellm_request_queue_time_seconds",
@@ -42,7 +45,7 @@ class ServerMetrics:
                                     buckets=_LATENCY, registry=registry)
         self.prompt_tokens = Counter("scalellm_prompt_tokens", "Prompt tokens of finished requests.",
                                      registry=registry)
-        self.generation_tokens = Counter("scalellm_generation_tokens", "Generated tokens.", registry=registry)
+        self.generation_tokens = per_token.counter("scalellm_generation_tokens", "Generated tokens.")
         self.requests = Counter("scalellm_requests_finished", "Finished engine requests, by finish reason.",
                                 ["finish_reason"], registry=registry)
         registry.register(_EngineCollector(stats))
@@ -75,9 +78,7 @@ class RequestTracker:
             if queue_time is not None:
                 self._m.queue_time.observe(queue_time)
         else:  # several tokens in one output (a consumer that fell behind): spread the interval
-            gap = (now - self._last) / new
-            for _ in range(new):
-                self._m.itl.observe(gap)
+            self._m.itl.observe((now - self._last) / new, new)
         self._tokens, self._last = num_tokens, now
 
     def on_finish(self, num_prompt_tokens: int, finish_reason: str | None, now: float) -> None:
