@@ -36,6 +36,10 @@ class RequestFailedError(RuntimeError):
     """The engine failed this one request (not because of its input); other requests go on."""
 
 
+class ShuttingDownError(RuntimeError):
+    """The request was ended unfinished because the server is shutting down (``AsyncEngine.abort_all``)."""
+
+
 Prompt = list[int] | Callable[[], list[int]]  # token ids, or a function the engine thread calls for them
 
 
@@ -55,6 +59,11 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _AbortAll:
+    error: BaseException
 
 
 class AsyncEngine:
@@ -140,6 +149,10 @@ class AsyncEngine:
         """Cancel a request (no-op if it already finished). Never blocks."""
         self._inbox.put(_Abort(request_id))
 
+    def abort_all(self, error: BaseException) -> None:
+        """End every request taken in so far: abort it and fail its stream with ``error``. Never blocks."""
+        self._inbox.put(_AbortAll(error))
+
     def shutdown(self, timeout: float | None = 10.0) -> None:
         self._stopping.set()
         self._inbox.put(None)
@@ -175,7 +188,14 @@ class AsyncEngine:
                 return
             self._take(item)
 
-    def _take(self, item: _Add | _Abort) -> None:
+    def _take(self, item: _Add | _Abort | _AbortAll) -> None:
+        if isinstance(item, _AbortAll):
+            for request_id, stream in self._streams.items():
+                self.engine.abort(request_id)
+                _send(stream, item.error)
+            self._streams.clear()
+            self._queued.clear()
+            return
         if isinstance(item, _Abort):
             out = self.engine.abort(item.request_id)
             self._queued.pop(item.request_id, None)

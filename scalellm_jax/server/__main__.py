@@ -23,8 +23,10 @@ from aiohttp import web
 
 from scalellm_jax.config import PRESETS, ConfigError, EngineConfig
 from scalellm_jax.engine.memory import configure_allocator
-from scalellm_jax.server.app import STATE, create_app
+from scalellm_jax.server.app import STATE, create_app, start_runner
 from scalellm_jax.server.config import DEMO_ENGINE_OPTIONS, DEMO_MODEL_NAME, DEMO_PRESET, ServerConfig
+from scalellm_jax.server.log_limits import install as limit_client_logs
+from scalellm_jax.server.shutdown import drain
 
 logger = logging.getLogger("scalellm_jax.server")
 
@@ -98,6 +100,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream-interval-ms", type=float, default=0.0,
                         help="send each stream at most one chunk per interval (0: every token); a chunk carries all "
                              "tokens since the last, which lowers per-token overhead at high concurrency")
+    parser.add_argument("--shutdown-grace-s", type=float, default=ServerConfig.shutdown_grace_s,
+                        help="after SIGTERM/SIGINT, requests in flight get this long to finish (new ones get 503, "
+                             "/health 503); then the rest are ended; a second signal exits at once")
+    parser.add_argument("--keepalive-timeout-s", type=float, default=ServerConfig.keepalive_timeout_s,
+                        help="close a connection idle this long (between requests, or still sending its headers)")
+    parser.add_argument("--request-read-timeout-s", type=float, default=ServerConfig.request_read_timeout_s,
+                        help="a request body must arrive within this (else 408)")
+    parser.add_argument("--max-connections", type=int, default=ServerConfig.max_connections,
+                        help="open connections at most; a new one past this gets 503 and is closed")
     parser.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"],
                         help="auto: uvloop when installed")
     parser.add_argument("--allowed-origins", type=_origins, default=(), metavar="ORIGINS",
@@ -151,7 +162,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     try:
         return ServerConfig(model_name=name, api_key=args.api_key, max_queued_requests=args.max_queued_requests,
                             stream_interval_s=args.stream_interval_ms / 1e3, simulated_device=args.simulate_device,
-                            allowed_origins=args.allowed_origins, allow_credentials=args.allow_credentials)
+                            allowed_origins=args.allowed_origins, allow_credentials=args.allow_credentials,
+                            shutdown_grace_s=args.shutdown_grace_s, keepalive_timeout_s=args.keepalive_timeout_s,
+                            request_read_timeout_s=args.request_read_timeout_s, max_connections=args.max_connections)
     except ValueError as exc:
         field = str(exc).split(" ", 1)[0]
         flag = "--stream-interval-ms" if field == "stream_interval_s" else "--" + field.replace("_", "-")
@@ -196,8 +209,7 @@ def load(args: argparse.Namespace, name: str, options: dict):
 async def serve(args: argparse.Namespace, config: ServerConfig, options: dict) -> int:
     start = time.perf_counter()
     app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=logger if args.access_log else None)
-    await runner.setup()
+    runner = await start_runner(app, access_log=logger if args.access_log else None)
     try:
         await web.TCPSite(runner, args.host, args.port).start()
     except OSError as exc:
@@ -208,8 +220,17 @@ async def serve(args: argparse.Namespace, config: ServerConfig, options: dict) -
                 config.model_name)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        logger.warning("%s again: exiting now, without finishing the requests in flight", sig.name)
+        logging.shutdown()
+        os._exit(1)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     loaded: asyncio.Future = loop.create_future()
 
     def load_in_thread():  # a daemon thread: Ctrl-C during a long load must not wait for it
@@ -238,7 +259,8 @@ async def serve(args: argparse.Namespace, config: ServerConfig, options: dict) -
         logger.info("ready in %.1f s: http://%s:%d/v1 serves %s (max_model_len %d%s)", time.perf_counter() - start,
                     host, port, served.name, served.max_model_len, simulated)
         await stopping
-        logger.info("shutting down")
+        finished = await drain(app[STATE], config.shutdown_grace_s)
+        logger.info("shut down%s", "" if finished else " (requests still running at the end of the grace ended)")
         return 0
     finally:
         stopping.cancel()
@@ -259,6 +281,7 @@ def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_client_logs()
     try:
         options = engine_options(args)
         config = server_config(args)

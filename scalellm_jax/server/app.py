@@ -2,9 +2,9 @@
 
 The app starts without a model (``/health`` answers 503 while it loads) and serves once
 ``ServerState.ready`` is called. Handlers never block the event loop: tokenization runs in a
-thread pool and the engine in its own thread. Run it with ``handler_cancellation=True`` (as
-``run_server`` does): a client that disconnects cancels its handler, which aborts its engine
-requests, so their KV pages are freed at the engine's next step.
+thread pool and the engine in its own thread. Run it through ``start_runner``: a client that
+disconnects then cancels its handler, which aborts its engine requests, so their KV pages are freed
+at the engine's next step.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from scalellm_jax.server import protocol
 from scalellm_jax.server.body import read_json_body
 from scalellm_jax.server.config import ServerConfig
+from scalellm_jax.server.connections import limit_connections
 from scalellm_jax.server.errors import APIError, from_validation_error
 from scalellm_jax.server.generation import Generator
 from scalellm_jax.server.loading import ServedModel
@@ -41,6 +42,7 @@ class ServerState:
         self.config = config
         self.served: ServedModel | None = None
         self.generator: Generator | None = None
+        self.draining = False  # shutting down: /health is 503 and no new request is admitted
         self.executor = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="scalellm-tokenize")
         self.metrics = ServerMetrics(lambda: self.served.engine.stats if self.served else None,
                                      simulated_device=config.simulated_device)
@@ -55,6 +57,14 @@ class ServerState:
         self.generator = Generator(served, self.metrics, self.executor, limit, self.config.retry_after_s,
                                    self.config.stream_interval_s)
         self.served = served
+
+    def begin_drain(self) -> Generator | None:
+        """Shutdown starts: ``/health`` turns 503 (a load balancer stops sending here) and new generation
+        requests get 503 with Retry-After; those in flight go on. Returns the generator, if the model loaded."""
+        self.draining = True
+        if self.generator is not None:
+            self.generator.closing = True
+        return self.generator
 
     def live_generator(self) -> Generator:
         if self.generator is None:
@@ -112,6 +122,22 @@ def create_app(config: ServerConfig, served: ServedModel | None = None) -> web.A
     if config.allowed_origins:
         _enable_cors(app, config)
     return app
+
+
+async def start_runner(app: web.Application, access_log: logging.Logger | None = None) -> web.AppRunner:
+    """The app's runner, set up as every server here runs it: a client that disconnects cancels its handler
+    (which aborts its engine requests, freeing their KV pages), and the ServerConfig's idle timeout and
+    connection cap apply. Cleanup waits 1 s for handlers: ``shutdown.drain`` has let them finish before.
+    A refused request's unread body is drained for at most 2 s (aiohttp's lingering close, 10 s by default,
+    which lets the client read the refusal) before the connection closes. An app without a ServerState (a
+    test's scripted app) gets ServerConfig's defaults."""
+    state = app.get(STATE)
+    config = state.config if state is not None else ServerConfig(model_name="")
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=access_log,
+                           keepalive_timeout=config.keepalive_timeout_s, shutdown_timeout=1.0, lingering_time=2.0)
+    await runner.setup()
+    limit_connections(runner.server, config.max_connections, config.retry_after_s)
+    return runner
 
 
 def _enable_cors(app: web.Application, config: ServerConfig) -> None:
@@ -217,7 +243,7 @@ async def _model(request: web.Request) -> web.Response:
 
 
 async def _parse(request: web.Request, schema):
-    raw = await read_json_body(request)
+    raw = await read_json_body(request, request.app[STATE].config.request_read_timeout_s)
     try:
         req = schema.model_validate_json(raw)
     except ValidationError as exc:
@@ -272,6 +298,8 @@ async def _version(request: web.Request) -> web.Response:
 
 async def _health(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    if state.draining:
+        return _json({"status": "shutting down"}, 503)
     if state.served is None:
         return _json({"status": "loading"}, 503)
     if state.served.engine.error is not None:  # the error itself is in the log, not for anyone who asks

@@ -11,6 +11,8 @@ import threading
 
 from aiohttp import web
 
+from scalellm_jax.server.app import start_runner
+
 
 class BackgroundServer:
     def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
@@ -18,8 +20,7 @@ class BackgroundServer:
         self._host, self._port, self._timeout = host, port, timeout
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="scalellm-http", daemon=True)
-        # handler_cancellation: a client that disconnects cancels its handler, which aborts its requests
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self._runner: web.AppRunner | None = None
         self.url = ""
 
     def start(self) -> BackgroundServer:
@@ -29,7 +30,7 @@ class BackgroundServer:
         return self
 
     async def _start(self):
-        await self._runner.setup()
+        self._runner = await start_runner(self.app)
         await web.TCPSite(self._runner, self._host, self._port).start()
         return self._runner.addresses[0][:2]
 
@@ -39,7 +40,8 @@ class BackgroundServer:
 
     def stop(self) -> None:
         if self._thread.is_alive():
-            self.call(self._runner.cleanup())
+            if self._runner is not None:
+                self.call(self._runner.cleanup())
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(self._timeout)
         self.loop.close()

@@ -3,6 +3,8 @@
 * Content-Type: ``application/json`` (or ``application/*+json``), or none at all (as FastAPI, which vLLM
   uses, reads a body without one); anything else is a 415 naming it.
 * A body that cannot be read as sent (a ``Content-Encoding`` that does not match it) is a 400.
+* A body that does not arrive within the read timeout (a client trickling bytes) is a 408, and the
+  connection is closed.
 * Duplicate object keys (a parser keeps the last one silently) and the non-JSON constants ``NaN`` and
   ``Infinity`` (which would be parsed, then refused with a misleading range message) are 400s naming the key.
   Anything else that is not valid JSON is left to the schema's parser, whose message says where.
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from aiohttp import web
@@ -28,11 +31,15 @@ def check_content_type(request: web.Request) -> None:
                        param="Content-Type")
 
 
-async def read_json_body(request: web.Request) -> bytes:
-    """The raw body, after the checks above (the schema parses it)."""
+async def read_json_body(request: web.Request, timeout_s: float) -> bytes:
+    """The raw body, read within ``timeout_s``, after the checks above (the schema parses it)."""
     check_content_type(request)
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise APIError(408, f"body: not received within {timeout_s:g} s", param="body",
+                       headers={"Connection": "close"}) from None
     except (HttpProcessingError, RequestPayloadError):  # e.g. "Content-Encoding: gzip" on a plain body
         encoding = request.headers.get("Content-Encoding")
         what = f"as its Content-Encoding ({encoding[:40]!r}) says" if encoding else "as sent"

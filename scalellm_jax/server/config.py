@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 _ORIGIN = re.compile(r"https?://[^/\s:]+(:\d{1,5})?")
@@ -33,6 +34,14 @@ class ServerConfig:
     # Browser origins allowed to call the API (CORS); none by default, "*" for any.
     allowed_origins: tuple[str, ...] = ()
     allow_credentials: bool = False  # CORS requests may carry cookies / HTTP auth (the origin is then echoed)
+    # Shutdown: requests in flight get this long to finish after the first SIGTERM/SIGINT (Kubernetes sends
+    # SIGKILL 30 s after SIGTERM by default).
+    shutdown_grace_s: float = 30.0
+    # An idle connection (between requests, or one still sending its request headers: aiohttp's timer runs
+    # from the connection's start and from each response) is closed after this long.
+    keepalive_timeout_s: float = 5.0
+    request_read_timeout_s: float = 30.0  # a request body must arrive within this (else 408)
+    max_connections: int = 4096  # open connections; a new one past this gets a 503 and is closed
 
     def __post_init__(self):
         for origin in self.allowed_origins:
@@ -44,5 +53,12 @@ class ServerConfig:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.stream_interval_s < 0:
             raise ValueError(f"stream_interval_s must be >= 0, got {self.stream_interval_s}")
+        if not (math.isfinite(self.shutdown_grace_s) and self.shutdown_grace_s >= 0):
+            raise ValueError(f"shutdown_grace_s must be a finite number >= 0, got {self.shutdown_grace_s}")
+        for name in ("keepalive_timeout_s", "request_read_timeout_s"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")

@@ -22,7 +22,7 @@ from concurrent.futures import Executor
 
 from aiohttp import web
 
-from scalellm_jax.engine.async_engine import EngineDeadError, Prompt, RequestFailedError
+from scalellm_jax.engine.async_engine import EngineDeadError, Prompt, RequestFailedError, ShuttingDownError
 from scalellm_jax.engine.engine import RequestOutput
 from scalellm_jax.engine.request import SEED_LIMIT, SamplingParams
 from scalellm_jax.server import protocol, responses
@@ -53,6 +53,10 @@ class Generator:
         # milliseconds before the event loop gets it back.
         self._id_bits = random.Random()
         self.in_flight = 0  # engine requests admitted and not finished (event-loop only)
+        self._idle = asyncio.Event()  # set while in_flight is 0
+        self._idle.set()
+        self.closing = False  # shutting down: no new requests (set by ServerState.begin_drain)
+        self._ended = False  # shutting down, grace over: what still runs was ended (end_all)
 
     # ------------------------------------------------------------------ requests → jobs
 
@@ -163,19 +167,44 @@ class Generator:
             raise APIError(400, f"n: the request needs {num_requests} engine requests (prompts × n), more than this "
                                 f"server holds at once ({self._max_in_flight}: --max-num-seqs plus "
                                 "--max-queued-requests); send fewer prompts or a smaller n", param="n")
+        if self.closing:
+            raise self.shutting_down()
         if self.in_flight + num_requests > self._max_in_flight:
             raise APIError(429, f"the server is at capacity ({self.in_flight} requests in flight); retry later",
                            headers={"Retry-After": self._retry_after})
         self.in_flight += num_requests
+        self._idle.clear()
         try:
             yield
         finally:
             self.in_flight -= num_requests
+            if not self.in_flight:
+                self._idle.set()
+
+    def shutting_down(self) -> APIError:
+        return APIError(503, "the server is shutting down; send the request again (to another replica)",
+                        headers={"Retry-After": self._retry_after})
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no admitted request is left (True) or ``timeout`` seconds pass (False)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.0, timeout))
+        except TimeoutError:
+            return False
+        return True
+
+    def end_all(self) -> None:
+        """Shutdown's grace is over: end every request still running (streams get a final error event and
+        ``[DONE]``, others a 503) and refuse to start the ones still being prepared."""
+        self._ended = True
+        self.served.engine.abort_all(ShuttingDownError("the server shut down before this request finished"))
 
     # ------------------------------------------------------------------ running a job
 
     async def run(self, job: Job, http_request: web.Request, arrival: float) -> web.StreamResponse:
         engine = self.served.engine
+        if self._ended:  # admitted before the shutdown, prepared (tokenized) after its grace ran out
+            raise self.shutting_down()
         streams = []
         try:
             for k, (p, params) in enumerate(job.choices):
@@ -200,7 +229,7 @@ class Generator:
             _check_finished(choices)
             return web.Response(body=responses.full_response(job, choices, self.served.tokenizer).encode(),
                                 content_type="application/json")
-        except (ValueError, RequestFailedError, EngineDeadError) as exc:
+        except (ValueError, RequestFailedError, EngineDeadError, ShuttingDownError) as exc:
             raise _engine_failure(exc, job.prompt_field) from None
         finally:
             await events.aclose()
@@ -236,7 +265,7 @@ class Generator:
             _check_finished(choices)
             if job.include_usage:
                 await response.write(encoder.usage())
-        except (ValueError, RequestFailedError, EngineDeadError) as exc:
+        except (ValueError, RequestFailedError, EngineDeadError, ShuttingDownError) as exc:
             await response.write(_engine_failure(exc, job.prompt_field).sse_event())
         except APIError as exc:
             await response.write(exc.sse_event())
@@ -260,6 +289,8 @@ def _check_finished(choices: list[Choice]) -> None:
 def _engine_failure(exc: Exception, prompt_field: str) -> APIError:
     if isinstance(exc, ValueError):
         return from_engine_error(exc, prompt_field)
+    if isinstance(exc, ShuttingDownError):
+        return APIError(503, f"{exc}; send it again (to another replica)")
     return APIError(500, f"the engine failed this request: {exc}")
 
 

@@ -111,3 +111,34 @@ def test_a_callable_prompt_is_tokenized_on_the_engine_thread(async_engine):
     assert "prompt" in long_error and "64" in long_error
     assert template_error.startswith("messages")
     assert asyncio.run(outputs([4, 4]))[-1].finished  # the failures left the engine serving
+
+
+def test_abort_all_ends_every_stream_with_the_error_and_frees_their_pages(async_engine):
+    from scalellm_jax.engine.async_engine import ShuttingDownError
+
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    kv = async_engine.engine.kv
+
+    async def consume(stream):
+        seen = 0
+        try:
+            async for _ in stream:
+                seen += 1
+        except ShuttingDownError as exc:
+            return seen, str(exc)
+        return seen, None
+
+    async def main():
+        streams = [async_engine.add_request([3, 4, 5 + i], params) for i in range(6)]  # 4 run, 2 wait
+        first = await anext(streams[0])  # running: the engine has taken them in
+        assert not first.finished
+        async_engine.abort_all(ShuttingDownError("closing"))
+        results = await asyncio.gather(*(consume(s) for s in streams))
+        after = [o async for o in async_engine.add_request([6, 7], SamplingParams(max_tokens=2, ignore_eos=True))]
+        return results, after
+
+    results, after = asyncio.run(main())
+    assert all(error == "closing" for _, error in results)  # running and waiting alike
+    assert after[-1].finished  # the engine goes on serving new requests
+    assert kv.num_free_pages == kv.num_usable_pages
+    assert not async_engine.engine.has_unfinished()

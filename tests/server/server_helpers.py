@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -54,3 +60,44 @@ def call(url: str, body: dict | bytes | None = None, *, method: str | None = Non
         return status, head, json.loads(raw)
     except ValueError:
         return status, head, raw.decode()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class ServerProcess:
+    """``python -m scalellm_jax.server`` on a simulated device, on a free port; its log is kept."""
+
+    def __init__(self, *flags: str):
+        cmd = [sys.executable, "-m", "scalellm_jax.server", "--model", "mixtral-8x7b", "--simulate-device", "h200",
+               "--port", "0", "--max-num-seqs", "8", "--max-num-batched-tokens", "256", "--max-model-len", "4096",
+               "--compilation-cache-dir", "", *flags]
+        self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.log: list[str] = []
+        self.url = ""
+        ready = threading.Event()
+
+        def read_log():
+            for line in self.process.stdout:
+                self.log.append(line)
+                found = re.search(r"ready in .*: (http://[\d.]+:\d+)/v1", line)
+                if found:
+                    self.url = found.group(1)
+                    ready.set()
+            ready.set()
+
+        self._reader = threading.Thread(target=read_log, daemon=True)
+        self._reader.start()
+        if not ready.wait(120) or not self.url:
+            self.process.kill()
+            raise AssertionError("server did not start:\n" + "".join(self.log))
+
+    def signal(self, sig=signal.SIGTERM) -> float:
+        self.process.send_signal(sig)
+        return time.monotonic()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._reader.join(10)  # the log to its end

@@ -21,7 +21,8 @@ def test_help_lists_the_options(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     for option in ("--model", "--host", "--port", "--scheduling-policy", "--tensor-parallel-size",
-                   "--expert-parallel-size", "--api-key", "--max-queued-requests"):
+                   "--expert-parallel-size", "--api-key", "--max-queued-requests", "--shutdown-grace-s",
+                   "--keepalive-timeout-s", "--request-read-timeout-s", "--max-connections"):
         assert option in out
 
 
@@ -45,6 +46,10 @@ def test_help_lists_the_options(capsys):
     (["--allowed-origins", "ftp://files.example.com"], "--allowed-origins"),
     (["--allowed-origins", "[\"https://a.example\", 3]"], "--allowed-origins"),
     (["--allow-credentials"], "--allow-credentials"),  # without --allowed-origins
+    (["--shutdown-grace-s", "-1"], "--shutdown-grace-s"),
+    (["--keepalive-timeout-s", "0"], "--keepalive-timeout-s"),
+    (["--request-read-timeout-s", "nan"], "--request-read-timeout-s"),
+    (["--max-connections", "0"], "--max-connections"),
 ])
 def test_bad_options_exit_2_with_one_line(capsys, argv, option):
     assert _exit_code(argv) == 2
@@ -109,7 +114,7 @@ def test_listens_at_once_then_logs_ready_and_stops_on_sigterm(monkeypatch, serve
     code = cli.main(["--model", "tiny", "--served-model-name", MODEL, "--port", "0", "--max-num-seqs", "3"])
     driver.join(30)
     assert code == 0 and seen == {"loading": 503, "ready": 200, "completion": 200}
-    assert any(m == "shutting down" for m in caplog.messages)
+    assert any(m == "shut down" for m in caplog.messages)
 
 
 def _logged_url(messages: list[str]) -> str | None:
