@@ -66,6 +66,7 @@ class Generator:
         for text in texts:
             if isinstance(text, str):
                 self._check_fits(len(text), "prompt")
+                await self._check_tokens(text, "prompt")
         prompts = [p if isinstance(p, list) else await self._tokenize(len(p), encode, p) for p in texts]
         max_tokens = req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
         job = self._job(req, False, prompts, max_tokens, req.logprobs is not None, req.logprobs or 0, "prompt",
@@ -79,6 +80,7 @@ class Generator:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         size = sum(len(m["content"]) for m in messages)
         self._check_fits(size, "messages")
+        await self._check_tokens("\n".join(m["content"] for m in messages), "messages")
         try:
             prompt = await self._tokenize(size, self.served.tokenizer.apply_chat_template, messages)
         except ValueError as exc:
@@ -94,6 +96,20 @@ class Generator:
         if per_token and chars > per_token * limit:
             raise APIError(400, f"{field}: {chars} characters cannot fit in the model's context of {limit} tokens "
                                 f"(one token stands for at most {per_token} characters)", param=field)
+
+    async def _check_tokens(self, text: str, field: str) -> None:
+        """Refuse a text far longer than the context as soon as a prefix of it is over the context: a text
+        that passes ``_check_fits`` may still be up to the longest piece's length times the context, and
+        tokenizing all of it would be wasted work."""
+        limit = self.served.max_model_len
+        if len(text) <= PREFIX_CHARS_PER_TOKEN[0] * limit:
+            return
+        over = await asyncio.get_running_loop().run_in_executor(
+            self._executor, _prefix_over, self.served.tokenizer.encode, text, limit)
+        if over is not None:
+            cut, count = over
+            raise APIError(400, f"{field}: longer than the model's context of {limit} tokens (its first {cut} "
+                                f"characters alone are {count} tokens)", param=field)
 
     async def _tokenize(self, size: int, fn, arg) -> Prompt:
         """Token ids from the pool for a long input; for a short one, a call the engine thread makes
@@ -278,6 +294,25 @@ class Generator:
         choice.tracker.on_output(len(out.token_ids), out.queue_time, now)
         if out.finished:
             choice.tracker.on_finish(len(out.prompt_token_ids), out.finish_reason, now)
+
+
+# Prefixes measured before a long text is tokenized whole, in characters per context token (common text
+# runs 3-5 characters a token, so the first catches most of what is too long, at twice the context's size).
+PREFIX_CHARS_PER_TOKEN = (2, 8)
+# Tokens a cut can add to a prefix (the cut word's fragment may tokenize into more pieces than the word).
+PREFIX_SLACK = 16
+
+
+def _prefix_over(encode, text: str, limit: int) -> tuple[int, int] | None:
+    """``(prefix characters, its tokens)`` of the first prefix over ``limit`` tokens, if one is."""
+    for per_token in PREFIX_CHARS_PER_TOKEN:
+        cut = per_token * limit
+        if len(text) <= cut:
+            return None
+        count = len(encode(text[:cut], add_bos=False))
+        if count > limit + PREFIX_SLACK:
+            return cut, count
+    return None
 
 
 def _check_finished(choices: list[Choice]) -> None:

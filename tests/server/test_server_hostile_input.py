@@ -59,6 +59,24 @@ def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(server, monk
     assert "cannot fit" in _error(call(server.url + "/v1/chat/completions", chat), 400, "messages")
 
 
+def test_a_long_prompt_is_refused_after_tokenizing_only_a_prefix(server, monkeypatch):
+    served = server.app[STATE].served
+    lengths = []
+    encode = served.tokenizer.encode
+    monkeypatch.setattr(served.tokenizer, "encode", lambda text, *a, **k: lengths.append(len(text)) or encode(text, *a,
+                                                                                                             **k))
+    text = "x " * 500  # 1,000 characters: under 64 tokens x the longest piece, over 64 tokens
+    message = _error(call(server.url + URL, {**COMPLETION, "prompt": text}), 400, "prompt")
+    assert "longer than the model's context of 64 tokens" in message and "characters alone are" in message
+    assert lengths and max(lengths) <= 8 * 64  # a prefix, never the whole text
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": text}]}
+    assert "alone are" in _error(call(server.url + "/v1/chat/completions", chat), 400, "messages")
+    lengths.clear()
+    short = "x " * 10  # under 2 characters per context token: no prefix is measured, the text is tokenized once
+    assert call(server.url + URL, {**COMPLETION, "prompt": short, "max_tokens": 1})[0] == 200
+    assert lengths == [len(short)]
+
+
 def test_an_unexpected_error_is_a_500_without_its_text(server, monkeypatch):
     generator = server.app[STATE].generator
 
