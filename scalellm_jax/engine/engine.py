@@ -69,6 +69,7 @@ class EngineStats:
     num_swapped: int  # preempted, with their KV in host swap space
     kv_cache_usage: float  # fraction of the usable KV pages in use
     num_preemptions: int  # since start
+    kv_pages_in_use: int = 0  # usable KV pages held by requests (0 once every request ended)
 
 
 class LLMEngine:
@@ -308,6 +309,7 @@ class LLMEngine:
             num_swapped=sum(1 for r in waiting if r.kv is KVLocation.HOST),
             kv_cache_usage=1.0 - kv.num_free_pages / kv.num_usable_pages,
             num_preemptions=self._finished_preemptions + live_preemptions,
+            kv_pages_in_use=kv.num_usable_pages - kv.num_free_pages,
         )
 
 

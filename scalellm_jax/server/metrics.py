@@ -101,6 +101,8 @@ class _EngineCollector(Collector):
                                 value=s.num_swapped if s else 0)
         yield GaugeMetricFamily("scalellm_kv_cache_usage_ratio", "Fraction of usable KV cache pages in use.",
                                 value=s.kv_cache_usage if s else 0.0)
+        yield GaugeMetricFamily("scalellm_kv_cache_pages_in_use", "KV cache pages held by requests.",
+                                value=s.kv_pages_in_use if s else 0)
         yield CounterMetricFamily("scalellm_num_preemptions", "Requests preempted (KV dropped, recomputed later).",
                                   value=s.num_preemptions if s else 0)
 
