@@ -5,7 +5,8 @@
 
 It starts ``python -m scalellm_jax.server`` (the built-in demo model unless ``--model``), then:
 
-1. greedy answers to a few fixed prompts (the "before" texts), and the server's RSS;
+1. greedy answers to a few fixed prompts (the "before" texts); a warm-up of ``--warmup-requests`` of
+   the same mix (first-use allocations are not a leak); the server's RSS;
 2. the soak: ``--requests`` requests, ``--concurrency`` at a time, each drawn at random: chat or
    completions, streamed or not, ``n`` 1-3, temperature 0 / 0.7 / 1, top-p, top-k, a seed, 1-32
    tokens. A ``--disconnect-fraction`` of them hang up on purpose, at a random phase: while sending
@@ -42,10 +43,10 @@ import aiohttp
 from benchmarks.provenance import git_state
 from benchmarks.serving import DEFAULT_DATA, RESULTS, start_server, stop_server
 
-# The demo model (``python -m scalellm_jax.server`` without --model) and a queue short enough that the
-# overload phase meets 429s.
+# The demo model (``python -m scalellm_jax.server`` without --model).
 DEMO = ("tiny", {"max_num_seqs": 16, "max_num_batched_tokens": 32, "max_model_len": 2048})
-DEFAULT_SERVER_ARGS = "--max-queued-requests 128"
+MAX_N = 3  # choices per request at most: the queue the server gets unless told (MAX_N x --concurrency) holds the
+# soak phase, so only the overload phase meets 429s
 GREEDY_PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time", "List three colors:",
                   "1, 2, 3, 4,", "Translate to German: good morning", "The quick brown fox", "Q: What is 7 x 8?\nA:")
 FALLBACK_PROMPTS = ("Write a haiku about the sea.", "Explain recursion to a child.", "Give me a recipe for soup.",
@@ -71,7 +72,7 @@ class Tally:
 
 
 def _body(rng: random.Random, prompts: list[str], model: str, chat: bool, stream: bool) -> dict:
-    body = {"model": model, "max_tokens": rng.randint(1, 32), "n": rng.randint(1, 3), "stream": stream,
+    body = {"model": model, "max_tokens": rng.randint(1, 32), "n": rng.randint(1, MAX_N), "stream": stream,
             "temperature": rng.choice([0.0, 0.7, 1.0])}
     if rng.random() < 0.5:
         body["top_p"] = round(rng.uniform(0.5, 1.0), 3)
@@ -230,6 +231,8 @@ async def soak(args, base: str, pid: int, model: str, simulated: bool) -> dict:
     prompts = load_prompts(args.dataset)
     await _drive(base, 8, 4, args.seed, prompts, model, 0.0, args.request_timeout_s)  # first-use paths
     before = None if simulated else await _greedy(base, model)
+    await _drive(base, args.warmup_requests, args.concurrency, args.seed + 3, prompts, model,
+                 args.disconnect_fraction, args.request_timeout_s)
     await _idle(base)
     rss_before = rss_bytes(pid)
     main, main_s = await _drive(base, args.requests, args.concurrency, args.seed + 1, prompts, model,
@@ -266,6 +269,7 @@ def parse_args(argv):
     parser.add_argument("--requests", type=int, default=10000)
     parser.add_argument("--concurrency", type=int, default=96)
     parser.add_argument("--disconnect-fraction", type=float, default=0.3)
+    parser.add_argument("--warmup-requests", type=int, default=500, help="the same mix before the RSS baseline")
     parser.add_argument("--overload-factor", type=int, default=10, help="overload concurrency = this x --concurrency")
     parser.add_argument("--overload-requests", type=int, default=None,
                         help="requests sent in the overload phase (default: 2 x its concurrency)")
@@ -273,12 +277,15 @@ def parse_args(argv):
                         "is counted as hung")
     parser.add_argument("--max-rss-growth", type=float, default=0.05)
     parser.add_argument("--model", default=None, help="a checkpoint folder or preset (default: the demo model)")
-    parser.add_argument("--server-args", default=DEFAULT_SERVER_ARGS, help="extra server flags")
+    parser.add_argument("--server-args", default="", help="extra server flags (default queue: --max-queued-requests "
+                        f"{MAX_N} x --concurrency)")
     parser.add_argument("--dataset", type=pathlib.Path, default=DEFAULT_DATA, help="prompts (instruction rows); "
                         "a few built-in prompts when the file is missing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
+    if args.warmup_requests < 0:
+        parser.error("--warmup-requests must be >= 0")
     for name in ("requests", "concurrency", "overload_factor"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -293,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(raw)
     extra = shlex.split(args.server_args)
+    if "--max-queued-requests" not in extra:
+        extra += ["--max-queued-requests", str(MAX_N * args.concurrency)]
     simulated = "--simulate-device" in extra
     model, options = (args.model, {}) if args.model else DEMO
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -68,10 +68,7 @@ def history_row(request: Request, vocab_size: int) -> tuple[np.ndarray, np.ndarr
     marks = COUNT * np.bincount(np.asarray(request.output_token_ids, np.int64), minlength=vocab_size)[:vocab_size]
     marks = marks.astype(np.int32)
     marks[np.unique(request.prompt_token_ids)] |= PROMPT
-    stops = [t for t in params.stop_token_ids if t < vocab_size]
-    if not params.ignore_eos and request.eos_token_id is not None:
-        stops.append(request.eos_token_id)
-    marks[stops] |= STOP
+    marks[[t for t in request.stop_tokens() if t < vocab_size]] |= STOP
     bias = np.zeros(vocab_size, np.float32)
     for token, value in params.logit_bias:
         bias[token] = value

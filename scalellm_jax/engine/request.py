@@ -281,8 +281,15 @@ class Request:
         if logprob is not None:
             self.output_logprobs.append(float(logprob))
 
+    def stop_tokens(self) -> tuple[int, ...]:
+        """The tokens that end this request: its ``stop_token_ids``, and EOS unless ``ignore_eos``."""
+        params = self.sampling_params
+        if params.ignore_eos or self.eos_token_id is None:
+            return tuple(params.stop_token_ids)
+        return (*params.stop_token_ids, self.eos_token_id)
+
     def is_stop_token(self, token: int) -> bool:
-        """EOS (unless ``ignore_eos``) or one of ``stop_token_ids``."""
+        """One of ``stop_tokens()`` (checked per generated token, so without building the tuple)."""
         params = self.sampling_params
         return (not params.ignore_eos and token == self.eos_token_id) or token in params.stop_token_ids
 
