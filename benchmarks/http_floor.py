@@ -138,13 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     port = args.port or _free_port()
     log = pathlib.Path(tempfile.gettempdir()) / f"scalellm-http-floor-{stamp}.log"
-    floor = subprocess.Popen([sys.executable, "-m", "benchmarks.http_floor", "--serve", "--port", str(port),
-                              "--step-ms", str(args.step_ms)], cwd=pathlib.Path(__file__).parent.parent,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env={**os.environ})
+    floor_log = pathlib.Path(tempfile.gettempdir()) / f"scalellm-http-floor-server-{stamp}.log"
+    with floor_log.open("w") as output:  # the child keeps its own copy of the file
+        floor = subprocess.Popen([sys.executable, "-m", "benchmarks.http_floor", "--serve", "--port", str(port),
+                                  "--step-ms", str(args.step_ms)], cwd=pathlib.Path(__file__).parent.parent,
+                                 stdout=output, stderr=subprocess.STDOUT)
     ours = None
     try:
         floor_url = f"http://127.0.0.1:{port}"
-        if not wait_ready(floor, floor_url, log, time.monotonic() + 60):
+        if not wait_ready(floor, floor_url, floor_log, time.monotonic() + 60):
             raise RuntimeError("the floor server did not start")
         ours, ours_url, command = start_server("mixtral-8x7b", "bfloat16", SIMULATED_ENGINE, log,
                                                extra_args=["--simulate-device", "h200"])

@@ -185,14 +185,13 @@ async def _greedy(base: str, model: str) -> list[str]:
 
 
 async def _metrics(base: str) -> dict[str, float]:
+    """The server's unlabelled samples from ``/metrics``, by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as response:
         text = await response.text()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, _, value = line.partition(" ")
-            values[name] = float(value)
-    return values
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if not sample.labels}
 
 
 async def _idle(base: str, timeout: float = 60.0) -> dict[str, float]:

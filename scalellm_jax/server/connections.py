@@ -28,8 +28,8 @@ def limit_connections(server: web.Server, limit: int, retry_after_s: int = 1) ->
 
     def connection_made(handler: web.RequestHandler, transport: asyncio.Transport) -> None:
         admit(handler, transport)
-        if len(server.connections) > limit:
-            logger.warning("refused a connection: %d open, --max-connections is %d", limit, limit)
+        if (open_now := len(server.connections)) > limit:
+            logger.warning("refused a connection: %d open, --max-connections is %d", open_now, limit)
             transport.write(refusal)
             handler.force_close()  # closes the transport once the refusal is written
 
