@@ -107,15 +107,6 @@ def component_ms(model, rows: int, reps: int = 10) -> dict:
 
     from scalellm_jax.engine.sampling import row_keys, sample, token_logprobs
 
-    def median_ms(fn, *args):
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times)
-
     @jax.jit
     def greedy(logits, seeds):
         zeros = jnp.zeros(rows, jnp.int32)
@@ -124,5 +115,18 @@ def component_ms(model, rows: int, reps: int = 10) -> dict:
 
     tokens = np.arange(3, 3 + rows, dtype=np.int32)[:, None] % model.config.vocab_size
     logits = jax.random.normal(jax.random.key(0), (rows, model.config.vocab_size), jnp.float32)
-    return {"forward": median_ms(model.logits, tokens),
-            "sample": median_ms(greedy, logits, jnp.arange(rows, dtype=jnp.uint32))}
+    return {"forward": median_ms(model.logits, tokens, reps=reps),
+            "sample": median_ms(greedy, logits, jnp.arange(rows, dtype=jnp.uint32), reps=reps)}
+
+
+def median_ms(fn, *args, reps: int = 10) -> float:
+    """Median ms of ``fn(*args)`` (a jitted function) over ``reps`` calls, after one untimed call."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)

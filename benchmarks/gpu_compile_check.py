@@ -309,7 +309,7 @@ def engine_programs(mesh, num_layers: int | None, buckets: list[tuple[bool, int,
         batch = StepBatch.empty(decode_only, num_tokens, rows, shapes.max_pages_per_seq)
         kind = "decode" if decode_only else "mixed"
         name = f"{kind}_step[{config.num_layers} layers, {choices.kernels}, {choices.moe_impl}, kv {kv_cache_dtype}]"
-        programs.append((name, f"{num_tokens} tokens, {rows} seqs", functions[decode_only],
+        programs.append((name, f"{num_tokens} tokens, {rows} seqs", functions[decode_only, False],
                          _abstract(mesh, batch.args(params, pools, history))))
     return programs
 

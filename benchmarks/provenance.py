@@ -1,8 +1,10 @@
-"""Provenance recorded with every benchmark result: the git commit and whether the tree was dirty."""
+"""Provenance recorded with every benchmark result: the git commit, whether the tree was dirty, the CPU."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import platform
 import subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -22,3 +24,20 @@ def git_state() -> dict:
         changes = None
     return {"commit": commit, "dirty": bool(changes) if changes is not None else None,
             "changes": changes if changes is None else changes[:50]}
+
+
+def cpu_description() -> dict:
+    """What decides CPU matmul speed: the model name and the vector/matrix extensions present."""
+    info = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "model": None, "extensions": []}
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith("model name") and info["model"] is None:
+            info["model"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            info["extensions"] = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+            break
+    return info

@@ -103,7 +103,7 @@ class LLMEngine:
                      decode_buckets=config.decode_buckets, token_buckets=config.token_buckets,
                      kv_cache_dtype=config.kv_cache_dtype, swap_compression=config.swap_compression if swap else None)
         if simulated is None:
-            choices = PlatformChoices.for_platform(jax.default_backend(), config.attention_kernels)
+            choices = PlatformChoices.for_platform(jax.default_backend(), config.attention_kernels, model.dtype)
             self.runner = ModelRunner(model, choices=choices, interpret=interpret, **shape)
             kernels = choices.kernels
         else:

@@ -79,8 +79,7 @@ class ModelRunner:
         self.token_buckets = self.shapes.token_buckets
         self.seq_buckets = self.shapes.seq_buckets
         self.choices = choices
-        functions = step_functions(c, model.dtype, choices, mesh=model.mesh, interpret=interpret)
-        self._mixed, self._decode = functions[False], functions[True]
+        self._functions = step_functions(c, model.dtype, choices, mesh=model.mesh, interpret=interpret)
         self.pools = self._allocate_pools(kv_cache_dtype)
         self.slots = HistorySlots(max_num_seqs, c.vocab_size)
         self.history = self._allocate_history()
@@ -168,7 +167,7 @@ class ModelRunner:
 
     def execute(self, batch: StepBatch) -> StepOutput:
         """Dispatch one step; returns its device arrays (token ids, logprobs, ...) without waiting."""
-        fn = self._decode if batch.decode_only else self._mixed
+        fn = self._functions[batch.decode_only, self.choices.few(len(batch.tokens))]
         if batch.history_writes is not None:
             self.history = self._write_rows(self.history, *batch.history_writes)
         out, self.pools, self.history = fn(*batch.args(self.model.params, self.pools, self.history))
@@ -211,4 +210,5 @@ class ModelRunner:
     def num_compilations(self) -> int:
         """Distinct compiled step (and swap) executables so far (flat after warmup means no recompiles)."""
         swaps = self.swapper.num_compilations() if self.swapper is not None else 0
-        return self._mixed._cache_size() + self._decode._cache_size() + self._write_rows._cache_size() + swaps
+        steps = sum(fn._cache_size() for fn in self._functions.values())
+        return steps + self._write_rows._cache_size() + swaps

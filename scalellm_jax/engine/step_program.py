@@ -25,22 +25,39 @@ from scalellm_jax.engine.sampling import logprobs_and_top, row_keys, sample, tok
 from scalellm_jax.model import Mixtral
 from scalellm_jax.model.paged import PagedAttention, PagedMeta
 
+# XLA:CPU hands dots to YNNPACK by default. Against float32 weights, a step of few tokens (weights
+# streamed from memory, few rows each) runs faster on XLA's own Eigen dots; a step of many tokens,
+# or bfloat16 weights (which Eigen converts slowly without native bf16), stays on YNNPACK. Measured
+# per program in benchmarks/results/cpu_dot_library-*.json.
+CPU_FEW_TOKEN_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
+CPU_FEW_TOKENS = 256
+
 
 @dataclasses.dataclass(frozen=True)
 class PlatformChoices:
-    """Attention kernels (``pallas`` | ``xla``) and MoE implementation (``ragged`` | ``chunked``)."""
+    """Attention kernels (``pallas`` | ``xla``), MoE implementation (``ragged`` | ``chunked``), and the
+    compiler options of steps of at most ``few_tokens`` tokens (none: every step compiles alike)."""
 
     kernels: str
     moe_impl: str
+    few_token_options: tuple[tuple[str, str], ...] = ()
+    few_tokens: int = 0
 
     @classmethod
-    def for_platform(cls, platform: str, kernels: str = "auto") -> PlatformChoices:
+    def for_platform(cls, platform: str, kernels: str = "auto", dtype=None) -> PlatformChoices:
         """GPU: our Pallas kernels and ``ragged_dot`` experts; elsewhere the blockwise jnp attention
-        and the capacity-batched experts (XLA:CPU lowers ``ragged_dot`` densely)."""
+        and the capacity-batched experts (XLA:CPU lowers ``ragged_dot`` densely). On CPU with a
+        float32 model (``dtype``), steps of few tokens use XLA's own dots (``CPU_FEW_TOKEN_OPTIONS``)."""
         gpu = platform in ("gpu", "cuda", "rocm")
         if kernels == "auto":
             kernels = "pallas" if gpu else "xla"
-        return cls(kernels=kernels, moe_impl="ragged" if gpu else "chunked")
+        few = platform == "cpu" and dtype is not None and jnp.dtype(dtype) == jnp.float32
+        return cls(kernels=kernels, moe_impl="ragged" if gpu else "chunked",
+                   few_token_options=CPU_FEW_TOKEN_OPTIONS if few else (), few_tokens=CPU_FEW_TOKENS if few else 0)
+
+    def few(self, num_tokens: int) -> bool:
+        """Whether a step of ``num_tokens`` tokens runs the few-token program."""
+        return bool(self.few_token_options) and num_tokens <= self.few_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,14 +227,18 @@ def _step(module, params, pools, history, tokens, positions, meta, logits_index,
 
 
 def step_functions(config: ModelConfig, dtype, choices: PlatformChoices, *, mesh=None, interpret: bool = False):
-    """``{decode_only: jitted step}``; the KV pools and the token history (arguments 1 and 2) are donated."""
+    """``{(decode_only, few): jitted step}``, ``few`` only True where ``choices`` has few-token options
+    (see :meth:`PlatformChoices.few`); the KV pools and the token history (arguments 1 and 2) are donated."""
     scale = config.head_dim**-0.5
     functions = {}
     for decode_only in (False, True):
         backend = PagedAttention(config.sliding_window, scale, choices.kernels, decode_only=decode_only,
                                  interpret=interpret, mesh=mesh)
         module = Mixtral(config, backend, dtype, moe_impl=choices.moe_impl, mesh=mesh)
-        functions[decode_only] = jax.jit(functools.partial(_step, module), donate_argnums=(1, 2))
+        for few in (False, True) if choices.few_token_options else (False,):
+            options = dict(choices.few_token_options) if few else None
+            functions[decode_only, few] = jax.jit(functools.partial(_step, module), donate_argnums=(1, 2),
+                                                  compiler_options=options)
     return functions
 
 
