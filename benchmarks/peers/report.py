@@ -32,25 +32,18 @@ def paired_ratios(runs: list[dict], key: str, ours: str = "ours", group: tuple[s
     """``ours``'s ``key`` over each other engine's, within each repeat (and ``group`` fields), with spread.
 
     ``runs``: dicts with ``engine``, ``repeat``, the ``group`` fields and ``key``. Returns
-    ``{"<group values>": {"<engine>": spread}}``, the group key joined by ``/`` ("" without groups).
+    ``{"<group values>": {"<engine>": spread}}``, the group key joined by ``/`` ("" without groups);
+    a peer never measured in the same repeat as ``ours`` (or a run without ``ours``) has no entry.
     """
-    table: dict[tuple, dict[int, dict[str, float]]] = {}
-    for r in runs:
-        if r.get(key) is None:
-            continue
-        table.setdefault(tuple(r[g] for g in group), {}).setdefault(r["repeat"], {})[r["engine"]] = r[key]
-    out = {}
-    for g, repeats in sorted(table.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        peers = sorted({e for by_engine in repeats.values() for e in by_engine} - {ours})
-        out["/".join(map(str, g))] = {
-            peer: spread([by[ours] / by[peer] for _, by in sorted(repeats.items()) if ours in by and peer in by])
-            for peer in peers
-        }
-    return out
+    return _paired(runs, key, ours, group, lambda a, b: a / b)
 
 
 def paired_differences(runs: list[dict], key: str, ours: str = "ours", group: tuple[str, ...] = ()) -> dict:
     """As :func:`paired_ratios`, with ``ours - peer`` (e.g. milliseconds of TTFT added)."""
+    return _paired(runs, key, ours, group, lambda a, b: a - b)
+
+
+def _paired(runs: list[dict], key: str, ours: str, group: tuple[str, ...], compare) -> dict:
     table: dict[tuple, dict[int, dict[str, float]]] = {}
     for r in runs:
         if r.get(key) is not None:
@@ -58,10 +51,9 @@ def paired_differences(runs: list[dict], key: str, ours: str = "ours", group: tu
     out = {}
     for g, repeats in sorted(table.items(), key=lambda kv: tuple(map(str, kv[0]))):
         peers = sorted({e for by_engine in repeats.values() for e in by_engine} - {ours})
-        out["/".join(map(str, g))] = {
-            peer: spread([by[ours] - by[peer] for _, by in sorted(repeats.items()) if ours in by and peer in by])
-            for peer in peers
-        }
+        values = {peer: [compare(by[ours], by[peer]) for _, by in sorted(repeats.items()) if ours in by and peer in by]
+                  for peer in peers}
+        out["/".join(map(str, g))] = {peer: spread(v) for peer, v in values.items() if v}
     return out
 
 

@@ -38,6 +38,12 @@ def test_ratios_pair_engines_within_a_repeat():
     assert diffs["float32"]["vllm"]["values"] == [50.0, -100.0]
 
 
+def test_a_run_without_our_engine_has_no_ratios():
+    runs = [{"engine": "vllm", "repeat": r, "dtype": "float32", "tps": 50.0} for r in range(2)]
+    assert paired_ratios(runs, "tps", group=("dtype",)) == {"float32": {}}
+    assert paired_differences(runs, "tps", group=("dtype",)) == {"float32": {}}
+
+
 def test_spread_and_rotation():
     assert spread([]) == {"median": None, "min": None, "max": None, "values": []}
     assert spread([3.0, 1.0, 2.0])["median"] == 2.0
