@@ -81,7 +81,9 @@ def grouped_experts_chunked(
     go through one batched matmul triple over all experts, which XLA runs multi-threaded;
     (2) rows past an expert's capacity, if any, are walked in chunks that never mix experts by a
     ``fori_loop`` with a traced trip count (zero iterations under balanced routing). The result is
-    exact for any routing; work is at most (E × capacity + overflow + E × chunk) rows. Under expert
+    exact for any routing; work is at most (E × capacity + overflow + E × chunk) rows. With at most
+    half as many assignments as experts (decode of one or two sequences) the capacity pass is
+    skipped: it would read every expert's weights where the loop reads only the chosen experts'. Under expert
     parallelism most assignments belong to other shards: ``expected_rows`` (those expected here)
     sizes the capacity from the local share, not from every row.
     Measured at batch 64 with 512/1792 dims and 8 experts on 2 cores: 5.6 ms per layer against
@@ -90,8 +92,9 @@ def grouped_experts_chunked(
     num_experts, hidden = w_gate.shape[0], x.shape[1]
     rows_total = experts.size
     mean_load = -(-(expected_rows or rows_total) // num_experts)
-    capacity = min(rows_total, max(8, -(-3 * mean_load // 16) * 8))  # 1.5 × mean, a multiple of 8
-    chunk = max(32, 1 << max(0, mean_load - 1).bit_length())
+    few = 2 * rows_total <= num_experts
+    capacity = 0 if few else min(rows_total, max(8, -(-3 * mean_load // 16) * 8))  # 1.5 × mean, a multiple of 8
+    chunk = 8 if few else max(32, 1 << max(0, mean_load - 1).bit_length())
     order, counts = _sort_by_expert(experts, num_experts)
     token_of = order // experts.shape[1]
     ends = jnp.cumsum(counts)
@@ -103,12 +106,13 @@ def grouped_experts_chunked(
         return jnp.matmul((jax.nn.silu(gate) * up).astype(x.dtype), e_down, preferred_element_type=jnp.float32)
 
     # (1) capacity pass: [E, capacity] slots into the sorted order; empty slots read row 0, masked.
-    slot = starts[:, None] + jnp.arange(capacity)[None, :]
-    live = jnp.arange(capacity)[None, :] < counts[:, None]
-    tokens = jnp.where(live, token_of[jnp.clip(slot, 0, rows_total - 1)], 0)
-    dense = swiglu(x[tokens], w_gate, w_up, w_down)  # [E, capacity, H]
     out = jnp.zeros((rows_total + chunk, hidden), jnp.float32)
-    out = out.at[jnp.where(live, slot, rows_total)].set(jnp.where(live[..., None], dense, 0.0))
+    if capacity:
+        slot = starts[:, None] + jnp.arange(capacity)[None, :]
+        live = jnp.arange(capacity)[None, :] < counts[:, None]
+        tokens = jnp.where(live, token_of[jnp.clip(slot, 0, rows_total - 1)], 0)
+        dense = swiglu(x[tokens], w_gate, w_up, w_down)  # [E, capacity, H]
+        out = out.at[jnp.where(live, slot, rows_total)].set(jnp.where(live[..., None], dense, 0.0))
 
     # (2) overflow: rows [starts + capacity, ends) of each expert, chunk by chunk.
     over_start = starts + jnp.minimum(counts, capacity)

@@ -36,7 +36,8 @@ def test_routing_is_softmax_topk_renormalised():
     np.testing.assert_allclose(np.asarray(weights), chosen / chosen.sum(-1, keepdims=True), rtol=1e-6)
 
 
-@pytest.mark.parametrize("num_tokens, experts, top_k", [(1, 4, 2), (64, 8, 2), (33, 6, 1), (5, 3, 3), (300, 8, 2)])
+@pytest.mark.parametrize("num_tokens, experts, top_k",
+                         [(1, 4, 2), (3, 8, 2), (4, 8, 2), (64, 8, 2), (33, 6, 1), (5, 3, 3), (300, 8, 2)])
 def test_chunked_experts_equal_ragged(num_tokens, experts, top_k):
     x, router, w_gate, w_up, w_down = random_moe(num_tokens, 16, 24, experts)
     weights, ids = route(x, router, top_k)
@@ -54,7 +55,7 @@ def test_all_tokens_on_one_expert():
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("num_tokens", [3, 64, 200])
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 64, 200])
 def test_chunked_experts_skewed_routing_and_foreign_ids(num_tokens):
     """Overflow past an expert's capacity and ids meaning "another shard's expert" (== E) stay exact."""
     experts = 4
