@@ -1,7 +1,7 @@
 """The host CPU's model name and instruction-set extensions (Linux ``/proc/cpuinfo``).
 
 XLA:CPU's matmul libraries differ in speed by extension (AVX2 only, AVX-512, AVX-512 BF16, AMX), so
-the engine's CPU compile choices and every CPU benchmark result depend on them.
+every CPU benchmark result depends on them (benchmarks.provenance records them).
 """
 
 from __future__ import annotations
