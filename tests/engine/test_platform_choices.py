@@ -6,7 +6,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from scalellm_jax.cpu_features import cpu_model_and_flags, vector_extensions
 from scalellm_jax.engine.step_program import CPU_FEW_TOKEN_OPTIONS, PlatformChoices
 
 
@@ -28,10 +27,3 @@ def test_bfloat16_models_and_unknown_dtypes_keep_one_program_per_step(dtype):
     choices = PlatformChoices.for_platform("cpu", dtype=dtype)
     assert choices.few_token_options == () and not choices.few(1)
 
-
-def test_the_host_description_lists_only_vector_extensions_it_has():
-    model, flags = cpu_model_and_flags()
-    assert set(vector_extensions(flags)) <= flags
-    assert all(f.startswith(("avx", "amx")) or f in ("fma", "f16c") for f in vector_extensions(flags))
-    assert vector_extensions({"avx2", "fma", "sse4_2", "avx512_bf16", "amx_tile"}) == [
-        "amx_tile", "avx2", "avx512_bf16", "fma"]
