@@ -93,4 +93,10 @@ class Mixtral(nn.Module):
 
     def project(self, hidden: jax.Array) -> jax.Array:
         """Normalized hidden states [..., H] → logits [..., V] (the LM head)."""
-        return self.embed.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        # XLA:CPU runs a bfloat16 vector × matrix product of the vocabulary's width an order of
+        # magnitude slower than the same product with two rows (a one-sequence decode step, see
+        # benchmarks/results/bf16_single_row-*.json), so a single row goes through as two.
+        single = hidden.ndim >= 2 and hidden.size == hidden.shape[-1] and hidden.dtype == jnp.bfloat16
+        rows = jnp.concatenate([hidden, hidden]) if single else hidden
+        logits = self.embed.attend(rows) if self.config.tie_word_embeddings else self.lm_head(rows)
+        return logits[:1] if single else logits
