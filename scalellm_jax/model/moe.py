@@ -11,6 +11,8 @@ capacity + overflow 5.6 ms per layer).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -77,24 +79,24 @@ def grouped_experts_chunked(
     """Same result as :func:`grouped_experts`, in two CPU-friendly passes over expert-sorted rows.
 
     XLA:CPU lowers ``ragged_dot`` to a dense product against every group (num_experts × the
-    FLOPs). Instead: (1) the first ``capacity`` rows of every expert (about 1.5× the mean load)
-    go through one batched matmul triple over all experts, which XLA runs multi-threaded;
+    FLOPs). Instead: (1) the first ``capacity`` rows of every expert (the mean load plus its square
+    root, a Poisson standard deviation, rounded up to 8) go through one batched matmul triple over
+    all experts, which XLA runs multi-threaded;
     (2) rows past an expert's capacity, if any, are walked in chunks that never mix experts by a
     ``fori_loop`` with a traced trip count (zero iterations under balanced routing). The result is
     exact for any routing; work is at most (E × capacity + overflow + E × chunk) rows. With at most
     half as many assignments as experts (decode of one or two sequences) the capacity pass is
     skipped: it would read every expert's weights where the loop reads only the chosen experts'. Under expert
     parallelism most assignments belong to other shards: ``expected_rows`` (those expected here)
-    sizes the capacity from the local share, not from every row.
-    Measured at batch 64 with 512/1792 dims and 8 experts on 2 cores: 5.6 ms per layer against
-    8.9 ms for the chunk loop alone.
+    sizes the capacity from the local share, not from every row. Measurements of the capacity and chunk
+    choices: benchmarks/results/moe_capacity-*.json.
     """
     num_experts, hidden = w_gate.shape[0], x.shape[1]
     rows_total = experts.size
     mean_load = -(-(expected_rows or rows_total) // num_experts)
     few = 2 * rows_total <= num_experts
-    capacity = 0 if few else min(rows_total, max(8, -(-3 * mean_load // 16) * 8))  # 1.5 × mean, a multiple of 8
-    chunk = 8 if few else max(32, 1 << max(0, mean_load - 1).bit_length())
+    capacity = 0 if few else min(rows_total, -(-(mean_load + math.isqrt(mean_load) + 1) // 8) * 8)
+    chunk = 8 if few else 32
     order, counts = _sort_by_expert(experts, num_experts)
     token_of = order // experts.shape[1]
     ends = jnp.cumsum(counts)
