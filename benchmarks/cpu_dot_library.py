@@ -5,8 +5,8 @@
 Measures, alternating the two libraries over ``--repeats``, (1) the MoE expert SwiGLU (three
 matmuls against every expert's weights, the decode step's largest cost) at several rows per expert
 and the LM head at several rows, in float32 and bfloat16; (2) whole decode steps of the offline
-benchmark's model (``bench:medium``) through the engine's runner, with every step on YNNPACK
-against the engine's choice (``PlatformChoices.for_platform``: few-token float32 steps on Eigen).
+benchmark's model (``bench:medium``) through the engine's runner, every step on YNNPACK against few-token float32 steps
+on Eigen, with the engine's choice for this host (``PlatformChoices.for_platform``) named per row.
 """
 
 from __future__ import annotations
@@ -69,15 +69,15 @@ def kernels(config, repeats: int, reps: int) -> list[dict]:
 def decode_steps(config, repeats: int) -> list[dict]:
     from benchmarks.engine_profile import decode_step_ms
     from scalellm_jax.engine.runner import ModelRunner
-    from scalellm_jax.engine.step_program import PlatformChoices
+    from scalellm_jax.engine.step_program import CPU_FEW_TOKEN_OPTIONS, CPU_FEW_TOKENS, PlatformChoices
     from scalellm_jax.loader import Model
 
     model = Model.random(config, seed=0, dtype="float32")
-    engine_choice = PlatformChoices.for_platform("cpu", dtype=model.dtype)
+    base = PlatformChoices.for_platform("cpu", dtype=model.dtype)
+    eigen = dataclasses.replace(base, few_token_options=CPU_FEW_TOKEN_OPTIONS, few_tokens=CPU_FEW_TOKENS)
     runners = {name: ModelRunner(model, page_size=16, num_pages=2049, max_pages_per_seq=32, max_num_seqs=64,
                                  max_num_batched_tokens=512, choices=choices)
-               for name, choices in (("ynnpack", dataclasses.replace(engine_choice, few_token_options=())),
-                                     ("engine", engine_choice))}
+               for name, choices in (("ynnpack", dataclasses.replace(base, few_token_options=())), ("eigen", eigen))}
     rows = []
     for n, context in ((16, 100), (64, 100), (64, 300)):
         times = {name: [] for name in runners}
@@ -86,7 +86,8 @@ def decode_steps(config, repeats: int) -> list[dict]:
                 times[name].append(decode_step_ms(runners[name], n, context))
         row = {"op": "decode_step", "rows": n, "context": context, "dtype": "float32",
                **{f"{name}_ms": statistics.median(t) for name, t in times.items()}}
-        row["engine_speedup"] = row["ynnpack_ms"] / row["engine_ms"]
+        row["eigen_speedup"] = row["ynnpack_ms"] / row["eigen_ms"]
+        row["engine_choice"] = "eigen" if base.few(n) else "ynnpack"
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

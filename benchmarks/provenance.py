@@ -28,16 +28,8 @@ def git_state() -> dict:
 
 def cpu_description() -> dict:
     """What decides CPU matmul speed: the model name and the vector/matrix extensions present."""
-    info = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "model": None, "extensions": []}
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        if line.startswith("model name") and info["model"] is None:
-            info["model"] = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            info["extensions"] = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
-            break
-    return info
+    from scalellm_jax.cpu_features import host_cpu
+
+    model, flags = host_cpu()
+    return {"machine": platform.machine(), "cpu_count": os.cpu_count(), "model": model,
+            "extensions": sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))}

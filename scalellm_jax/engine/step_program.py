@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scalellm_jax.config import ModelConfig
+from scalellm_jax.cpu_features import host_cpu
 from scalellm_jax.engine.buckets import step_buckets
 from scalellm_jax.engine.logit_controls import NO_SLOT, RowControls, apply_controls, controlled_rows, record_tokens
 from scalellm_jax.engine.request import MAX_LOGPROBS
@@ -25,12 +26,12 @@ from scalellm_jax.engine.sampling import logprobs_and_top, row_keys, sample, tok
 from scalellm_jax.model import Mixtral
 from scalellm_jax.model.paged import PagedAttention, PagedMeta
 
-# XLA:CPU hands dots to YNNPACK by default. Against float32 weights, a step of few tokens (weights
-# streamed from memory, few rows each) runs faster on XLA's own Eigen dots; a step of many tokens,
-# or bfloat16 weights (which Eigen converts slowly without native bf16), stays on YNNPACK. Measured
-# per program in benchmarks/results/cpu_dot_library-*.json. On an AVX-512 host a lone 64-row decode
-# step ran faster on YNNPACK, but whole offline runs did not (benchmarks/results/cpu_choices_ab-*.json),
-# so the choice does not depend on the host's extensions.
+# XLA:CPU hands dots to YNNPACK by default. On an x86 CPU with AVX2 but not AVX-512, against float32
+# weights, a step of few tokens (weights streamed from memory, few rows each) runs faster on XLA's own
+# Eigen dots. With AVX-512, YNNPACK is faster at every step size; so it is for many tokens, and for
+# bfloat16 weights (which Eigen converts slowly). Elsewhere (other ISAs) nothing was measured and XLA's
+# default stays. Measured on AVX-512 in benchmarks/results/cpu_choices_ab-20261204-173000.json (decode
+# steps and whole offline runs, alternating); on AVX2 in commit 21b6900's message (no result file kept).
 CPU_FEW_TOKEN_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
 CPU_FEW_TOKENS = 256
 
@@ -46,14 +47,19 @@ class PlatformChoices:
     few_tokens: int = 0
 
     @classmethod
-    def for_platform(cls, platform: str, kernels: str = "auto", dtype=None) -> PlatformChoices:
+    def for_platform(cls, platform: str, kernels: str = "auto", dtype=None,
+                     cpu_flags: frozenset[str] | None = None) -> PlatformChoices:
         """GPU: our Pallas kernels and ``ragged_dot`` experts; elsewhere the blockwise jnp attention
-        and the capacity-batched experts (XLA:CPU lowers ``ragged_dot`` densely). On CPU with a
-        float32 model (``dtype``), steps of few tokens use XLA's own dots (``CPU_FEW_TOKEN_OPTIONS``)."""
+        and the capacity-batched experts (XLA:CPU lowers ``ragged_dot`` densely). On a CPU with AVX2
+        and without AVX-512 (``cpu_flags``: the host's by default) and a float32 model (``dtype``),
+        steps of few tokens use XLA's own dots (``CPU_FEW_TOKEN_OPTIONS``)."""
         gpu = platform in ("gpu", "cuda", "rocm")
         if kernels == "auto":
             kernels = "pallas" if gpu else "xla"
         few = platform == "cpu" and dtype is not None and jnp.dtype(dtype) == jnp.float32
+        if few:
+            flags = host_cpu()[1] if cpu_flags is None else cpu_flags
+            few = "avx2" in flags and "avx512f" not in flags
         return cls(kernels=kernels, moe_impl="ragged" if gpu else "chunked",
                    few_token_options=CPU_FEW_TOKEN_OPTIONS if few else (), few_tokens=CPU_FEW_TOKENS if few else 0)
 
