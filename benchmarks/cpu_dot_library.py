@@ -20,10 +20,7 @@ import statistics
 import sys
 
 from benchmarks.engine_profile import median_ms
-from benchmarks.provenance import cpu_description, git_state
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.provenance import cpu_description, git_state, write_result
 
 
 def kernels(config, repeats: int, reps: int) -> list[dict]:
@@ -112,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
               "git": git, "command": "python -m benchmarks.cpu_dot_library " + " ".join(argv or sys.argv[1:]),
               "device": {"kind": "cpu", **cpu_description()}, "jax": jax.__version__, "model": args.model,
               "kernels": kernels(config, args.repeats, args.reps), "decode_steps": decode_steps(config, args.repeats)}
-    out = args.out or RESULTS / f"cpu_dot_library-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result("cpu_dot_library", result, args.out)
     return 0
 
 

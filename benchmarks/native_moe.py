@@ -24,11 +24,9 @@ import sys
 import tempfile
 
 from benchmarks.engine_profile import median_ms
-from benchmarks.provenance import cpu_description, git_state
+from benchmarks.provenance import cpu_description, git_state, write_result
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCE = pathlib.Path(__file__).with_suffix(".cc")
-RESULTS = ROOT / "benchmarks" / "results"
 TARGET = "scalellm_native_moe"
 
 
@@ -149,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
               "compiler_flags": compiler_flags(), "library": library.name,
               "shape": {"hidden": 512, "intermediate": 1792, "experts": 8, "top_k": 2},
               "results": measure(rows, args.repeats, args.reps)}
-    out = args.out or RESULTS / f"native_moe-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result("native_moe", result, args.out)
     return 0
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import pathlib
 import platform
 import subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def git_state() -> dict:
@@ -33,3 +36,12 @@ def cpu_description() -> dict:
     model, flags = host_cpu()
     return {"machine": platform.machine(), "cpu_count": os.cpu_count(), "model": model,
             "extensions": sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))}
+
+
+def write_result(name: str, result: dict, out: pathlib.Path | None = None) -> pathlib.Path:
+    """Write ``result`` as JSON to ``out`` (default ``benchmarks/results/<name>-<local time>.json``)."""
+    out = out or RESULTS / f"{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out

@@ -29,10 +29,9 @@ import sys
 import tempfile
 
 from benchmarks.peers.offline_engine import RESULT_PREFIX
-from benchmarks.provenance import cpu_description, git_state
+from benchmarks.provenance import cpu_description, git_state, write_result
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = ("whole", "no_experts", "no_lm_head", "no_attention")
 # vLLM's CPU kernels, by the part of a step they do (oneDNN matmuls are split by their output width).
 VLLM_KERNELS = {"_C::cpu_fused_moe": "experts", "_C::cpu_attention_with_kv_cache": "attention",
@@ -190,10 +189,7 @@ def main(argv: list[str] | None = None) -> int:
               "git": git, "command": "python -m benchmarks.peers.step_profile " + " ".join(argv or sys.argv[1:]),
               "device": {"kind": "cpu", **cpu_description()}, "rows": args.rows, "context": args.context,
               "dtypes": by_dtype}
-    out = args.out or RESULTS / f"step_profile-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result("step_profile", result, args.out)
     return 0
 
 
