@@ -54,16 +54,19 @@ def register() -> pathlib.Path:
     compiler = shutil.which("g++")
     if compiler is None:
         raise BuildError("g++ not found: the native MoE probe needs a C++17 compiler")
-    flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-ffast-math", "-fopenmp-simd", *compiler_flags(),
+    # -ffast-math for the compile only (vectorised expf): linked with it, g++ adds crtfastmath, whose
+    # loading sets flush-to-zero for the whole process and so changes every float computation in it.
+    flags = ["-O3", "-std=c++17", "-fPIC", "-ffast-math", "-fopenmp-simd", *compiler_flags(),
              f"-I{jax.ffi.include_dir()}"]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     library = pathlib.Path(tempfile.gettempdir()) / f"scalellm-native-moe-{key}.so"
     if not library.exists():
         partial = library.with_suffix(".partial.so")
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lmvec"],
-                              capture_output=True, text=True)
-        if done.returncode:
-            raise BuildError(f"g++ failed ({done.returncode}): {done.stderr[-2000:]}")
+        for command in ([compiler, *flags, "-c", str(SOURCE), "-o", str(partial.with_suffix(".o"))],
+                        [compiler, "-shared", str(partial.with_suffix(".o")), "-o", str(partial), "-lmvec"]):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise BuildError(f"g++ failed ({done.returncode}): {done.stderr[-2000:]}")
         partial.replace(library)
     handle = ctypes.cdll.LoadLibrary(str(library))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handle.ScalellmCpuMoe), platform="cpu")

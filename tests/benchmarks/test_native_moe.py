@@ -35,3 +35,12 @@ def test_native_experts_match_ragged_dot(dtype, tokens, hidden, inter, experts, 
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     tolerance = 1e-5 if dtype == "float32" else 3e-2
     assert np.abs(got - want).max() <= tolerance * np.abs(want).max()
+
+
+def test_loading_the_kernel_leaves_subnormal_floats_alone():
+    """The library must not set flush-to-zero for the process (as g++'s -ffast-math link would)."""
+    from benchmarks.native_moe import register
+
+    register()
+    tiny = np.float32(1e-40)  # subnormal in float32
+    assert tiny > 0 and tiny * np.float32(1.5) > 0
