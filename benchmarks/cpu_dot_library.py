@@ -5,8 +5,9 @@
 Measures, alternating the two libraries over ``--repeats``, (1) the MoE expert SwiGLU (three
 matmuls against every expert's weights, the decode step's largest cost) at several rows per expert
 and the LM head at several rows, in float32 and bfloat16; (2) whole decode steps of the offline
-benchmark's model (``bench:medium``) through the engine's runner, every step on YNNPACK against few-token float32 steps
-on Eigen, with the engine's choice for this host (``PlatformChoices.for_platform``) named per row.
+benchmark's model (``bench:medium``) through the engine's runner, every step on YNNPACK against
+few-token float32 steps on Eigen, with the engine's choice for this host (``PlatformChoices.for_platform``)
+named per row.
 """
 
 from __future__ import annotations

@@ -98,6 +98,8 @@ def measure(rows: tuple[int, ...], repeats: int, reps: int) -> list[dict]:
     from scalellm_jax.model.moe import grouped_experts_chunked
 
     hidden, inter, experts = 512, 1792, 8
+    impls = {name: jax.jit(functools.partial(_routed, impl))
+             for name, impl in (("xla", grouped_experts_chunked), ("native", native_moe))}
     out = []
     for dtype in (jnp.float32, jnp.bfloat16):
         keys = jax.random.split(jax.random.key(0), 5)
@@ -107,15 +109,12 @@ def measure(rows: tuple[int, ...], repeats: int, reps: int) -> list[dict]:
         for n in rows:
             x = jax.random.normal(keys[4], (n, hidden)).astype(dtype)
             params = (router, w_gate, w_up, w_down)
-            impls = {name: jax.jit(functools.partial(_routed, impl))
-                     for name, impl in (("xla", grouped_experts_chunked), ("native", native_moe))}
-            impls = {name: functools.partial(f, params=params) for name, f in impls.items()}
-            want, got = (impls[k](x).astype(jnp.float32) for k in ("xla", "native"))
+            want, got = (impls[k](x, params).astype(jnp.float32) for k in ("xla", "native"))
             error = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
             times = {k: [] for k in impls}
             for repeat in range(repeats):
                 for k in (list(impls) if repeat % 2 == 0 else list(impls)[::-1]):
-                    times[k].append(median_ms(impls[k], x, reps=reps))
+                    times[k].append(median_ms(impls[k], x, params, reps=reps))
             row = {"dtype": jnp.dtype(dtype).name, "rows": n, "max_rel_error": error,
                    **{f"{k}_ms": statistics.median(t) for k, t in times.items()}, "runs_ms": times}
             row["native_speedup"] = row["xla_ms"] / row["native_ms"]

@@ -105,11 +105,11 @@ def run_vllm(args) -> dict:
             "per_step_ms": {part: total / max(steps, 1) for part, total in totals.items()}}
 
 
-def child(args, engine: str, variant: str | None = None) -> dict:
+def child(args, engine: str, dtype: str, variant: str = "whole") -> dict:
     python = sys.executable if engine == "ours" else args.peer_python
-    cmd = [python, "-m", "benchmarks.peers.step_profile", "--child", engine, "--dtype", args.dtype,
+    cmd = [python, "-m", "benchmarks.peers.step_profile", "--child", engine, "--dtype", dtype,
            "--rows", str(args.rows), "--context", str(args.context), "--reps", str(args.reps),
-           "--model-dir", str(args.model_dir), "--workload", str(args.workload), "--variant", variant or "whole"]
+           "--model-dir", str(args.model_dir), "--workload", str(args.workload), "--variant", variant]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if engine == "vllm":
         from benchmarks.peers.__main__ import vllm_env
@@ -125,17 +125,16 @@ def child(args, engine: str, variant: str | None = None) -> dict:
 
 def profile_dtype(args, dtype: str) -> dict:
     """Both engines at one dtype: our variants and a vLLM profile per repeat, alternating."""
-    args.dtype = dtype
     steps: dict[str, list[float]] = {v: [] for v in VARIANTS}
     vllm_runs = []
     for repeat in range(args.repeats):
         if repeat % 2:
-            vllm_runs.append(child(args, "vllm"))
+            vllm_runs.append(child(args, "vllm", dtype))
         for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
-            steps[variant].append(child(args, "ours", variant)["step_ms"])
+            steps[variant].append(child(args, "ours", dtype, variant)["step_ms"])
             print(f"{dtype} ours {variant}: {steps[variant][-1]:.1f} ms", flush=True)
         if not repeat % 2:
-            vllm_runs.append(child(args, "vllm"))
+            vllm_runs.append(child(args, "vllm", dtype))
         print(f"{dtype} vllm per step: {json.dumps(vllm_runs[-1]['per_step_ms'])}", flush=True)
     median = {v: statistics.median(t) for v, t in steps.items()}
     parts = sorted({part for run in vllm_runs for part in run["per_step_ms"]})
