@@ -147,10 +147,11 @@ class AlisePolicy(Policy):
     """ALISE: shortest estimated remaining execution time first, with aging and user priority.
 
     rank = remaining_s + priority × priority_weight_s − aging_rate × waited_s, where remaining_s
-    is the estimated time to finish: prompt tokens still to prefill times the measured prefill
-    cost per token, plus predicted output tokens still to generate times the measured decode
-    step time (``StepCostModel``, calibrated online from real steps). It also runs fewer
-    sequences at once when that is clearly faster and keeps up (``batch_width``).
+    is the estimated time to finish: prompt tokens still to prefill (less those the prefix cache
+    holds) times the measured prefill cost per token, plus predicted output tokens still to
+    generate times the measured decode step time (``StepCostModel``, calibrated online from real
+    steps). It also runs fewer sequences at once when that is clearly faster and keeps up
+    (``batch_width``).
     """
 
     name = "alise"
@@ -178,7 +179,8 @@ class AlisePolicy(Policy):
         return max(predicted - generated, 1.0)
 
     def remaining_s(self, request: Request) -> float:
-        prefill = request.num_pending_tokens if request.is_prefilling else 0  # prompt, or a recompute
+        # a prompt, or a recompute, less what the prefix cache holds for it
+        prefill = request.num_pending_tokens - request.cached_prefix_hint if request.is_prefilling else 0
         return self.costs.estimate_s(prefill_tokens=prefill, decode_steps=self.remaining_output_tokens(request))
 
     def rank(self, request: Request, now: float) -> tuple:

@@ -214,6 +214,11 @@ class Request:
     # token, its alternatives [(token id, logprob)]); filled as the prompt's chunks run
     prompt_logprobs: list | None = None
     num_computed_tokens: int = 0
+    # Prompt tokens whose KV came from the prefix cache at the first admission (usage's cached_tokens).
+    num_cached_tokens: int = 0
+    # While waiting without KV: the tokens the prefix cache held for it when last looked up (the
+    # policy's estimate of its prefill work counts only the rest); 0 otherwise.
+    cached_prefix_hint: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     kv: KVLocation = KVLocation.NONE

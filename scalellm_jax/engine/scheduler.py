@@ -29,6 +29,7 @@ from scalellm_jax.engine.kv_manager import KVManager
 from scalellm_jax.engine.policies import Policy
 from scalellm_jax.engine.request import KVLocation, Request, RequestStatus
 
+_DEFERRED = -1  # _admit: wait a step for a prefix page a running request is computing
 
 @dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
@@ -97,6 +98,8 @@ class SchedulerOutput:
     num_batched_tokens: int
     swap_out: list[SwapOp] = field(default_factory=list)
     swap_in: list[SwapOp] = field(default_factory=list)
+    # waiting requests passed over for one step because a running one is computing their next prefix page
+    deferred: list[Request] = field(default_factory=list)
 
     @property
     def is_decode_only(self) -> bool:
@@ -123,6 +126,10 @@ class Scheduler:
         self._running: list[Request] = []  # RUNNING, in admission order
         self._now = 0.0  # the current schedule() call's clock reading
         self._swap_out: list[SwapOp] = []  # the current schedule() call's swap-outs
+        # Prefix cache lookups at admission, in tokens: looked up (prompt, plus outputs for a recompute)
+        # and found cached.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     # ----------------------------------------------------------------------------- queues
 
@@ -184,6 +191,7 @@ class Scheduler:
                 f"{capacity} fit per request"
             )
         request.queued_at = request.arrival_time
+        self._refresh_prefix_hint(request)
         self._requests[request.request_id] = request
         self._waiting.append(request)
         self.policy.on_add(request)
@@ -252,32 +260,38 @@ class Scheduler:
         # unless the policy lets it preempt a running request; with FCFS that means no
         # head-of-line skipping (a big prompt is not starved by small ones behind it).
         swap_in: list[SwapOp] = []
+        deferred: list[Request] = []
         if not preempted and self._waiting:
             seats = max(1, min(self.config.max_num_seqs,
                                self.policy.seat_limit(self.config.max_num_seqs, self._waiting, now)))
             admitted = False
+            # Victims come from the requests that ran before this step: one admitted in it has run
+            # nothing yet, and preempting it would also have to undo its swap-in (admissions go to the end).
+            num_old = len(self._running)
             for request in self.policy.order_waiting(self._waiting, now):
                 if budget == 0:
                     break
-                n = min(request.num_pending_tokens, budget)
                 victims = 0
-                while not self._admit(request, n, swap_in, seats):
-                    victim = self.policy.pick_victim(self._running, now) if self._running else None
+                while (n := self._admit(request, budget, swap_in, seats)) == 0:
+                    victim = self.policy.pick_victim(self._running[:num_old], now) if num_old else None
                     if victim is None or not self.policy.should_preempt(request, victim, now):
                         break
                     budget += self._unplan(scheduled, victim)
                     self._preempt(victim)
                     preempted.append(victim)
                     victims += 1
-                    n = min(request.num_pending_tokens, budget)
-                else:
-                    scheduled[request.request_id] = ScheduledRequest(request, n, request.num_computed_tokens)
-                    budget -= n
-                    admitted = True
-                    if not victims:
-                        continue
+                    num_old -= 1
+                if n == _DEFERRED:
+                    deferred.append(request)
+                    continue
+                if n == 0:
+                    break
+                scheduled[request.request_id] = ScheduledRequest(request, n, request.num_computed_tokens)
+                budget -= n
+                admitted = True
+                if victims:
                     # The victims now wait too and may outrank the rest of this ordering: stop here.
-                break
+                    break
             if admitted:
                 self._waiting = [r for r in self._waiting if r.status is not RequestStatus.RUNNING]
 
@@ -287,6 +301,7 @@ class Scheduler:
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
             swap_out=self._swap_out,
             swap_in=swap_in,
+            deferred=deferred,
         )
 
     @staticmethod
@@ -321,26 +336,79 @@ class Scheduler:
             self.kv.free(rid)
             request.num_computed_tokens = 0
             request.kv = KVLocation.NONE
+            self._refresh_prefix_hint(request)
 
-    def _admit(self, request: Request, n: int, swap_in: list[SwapOp], seats: int) -> bool:
-        """Seat ``request`` for ``n`` tokens if fewer than ``seats`` run and there are pages; False seats
-        nothing (parked requests may still have been evicted while looking for pages)."""
-        if len(self._running) >= seats or n == 0:
-            return False
-        rid, total = request.request_id, request.num_computed_tokens + n
+    def _admit(self, request: Request, budget: int, swap_in: list[SwapOp], seats: int) -> int:
+        """Seat ``request`` for up to ``budget`` tokens if fewer than ``seats`` run and there are pages.
+
+        Returns the tokens scheduled; 0 seats nothing (parked requests may still have been evicted
+        while looking for pages); ``_DEFERRED`` when a running request is about to put this one's
+        next prompt page in the prefix cache (waiting a step for it beats computing it twice).
+        A request without KV first takes the longest cached prefix of its tokens, so only the rest
+        counts against the budget.
+        """
+        rid, kv = request.request_id, self.kv
+        hit: list[int] = []
+        looked_up = request.kv is KVLocation.NONE and self._reads_prefix_cache(request)
+        if looked_up:  # before anything else, so that no one is preempted for a request that then waits
+            hit = kv.match_prefix(request.token_ids, request.num_tokens - 1)
+            request.cached_prefix_hint = len(hit) * kv.page_size
+            if self._prefix_in_progress(request, len(hit) * kv.page_size):
+                return _DEFERRED
+        if len(self._running) >= seats:
+            return 0
+        n = min(request.num_pending_tokens - len(hit) * kv.page_size, budget)
+        if n <= 0:
+            return 0
         if request.kv is KVLocation.HOST:
-            while (pages := self.kv.swap_in(rid, total)) is None:
+            while (pages := kv.swap_in(rid, request.num_computed_tokens + n)) is None:
                 if not self._evict_a_parked_request(but=request):
-                    return False
+                    return 0
             swap_in.append(SwapOp(rid, pages, request.num_computed_tokens))
-        elif not self._allocate(request, total, new_request=True):
-            return False
+        else:
+            if hit:
+                request.num_computed_tokens = kv.take_prefix(rid, hit)
+            if not self._allocate(request, request.num_computed_tokens + n, new_request=True):
+                kv.free(rid)
+                request.num_computed_tokens = 0
+                return 0
+        if looked_up:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += request.num_computed_tokens
+            if not request.num_preemptions:
+                request.num_cached_tokens = request.num_computed_tokens
+        request.cached_prefix_hint = 0
         request.kv = KVLocation.DEVICE
         request.status = RequestStatus.RUNNING
         request.waited_s += self._now - request.queued_at
         request.queued_at = None
         self._running.append(request)
-        return True
+        return n
+
+    def _reads_prefix_cache(self, request: Request) -> bool:
+        # A cached prefix has no logprobs to report: requests asking for them compute their whole prompt.
+        return self.kv.enable_prefix_caching and request.sampling_params.prompt_logprobs is None
+
+    def _refresh_prefix_hint(self, request: Request) -> None:
+        """What the prefix cache holds for a request without KV, for the policy's estimate of its work."""
+        if self._reads_prefix_cache(request):
+            hit = self.kv.match_prefix(request.token_ids, request.num_tokens - 1)
+            request.cached_prefix_hint = len(hit) * self.kv.page_size
+
+    def _prefix_in_progress(self, request: Request, num_cached: int) -> bool:
+        """Whether a running request is computing the page after the ``num_cached`` tokens that
+        ``request`` found cached (same tokens up to its end), a page ``request`` could then reuse."""
+        end = num_cached + self.kv.page_size
+        if end >= request.num_tokens:
+            return False  # that page would hold request's last token, which it must compute itself
+        prefix = None
+        for other in self._running:
+            if other.num_computed_tokens < end <= other.num_tokens:
+                if prefix is None:
+                    prefix = request.token_ids(0, end)
+                if other.token_ids(0, end) == prefix:
+                    return True
+        return False
 
     def _preempt(self, request: Request) -> None:
         """Move a running request back to the queue, parked: its pages stay until someone needs them."""
@@ -368,9 +436,12 @@ class Scheduler:
         if missing:  # checked before mutating anything, so a bad call leaves the state intact
             raise KeyError(f"no sampled token for requests {missing[:8]}")
         finished: list[Request] = []
+        caching = self.kv.enable_prefix_caching
         for s in live:
             request = s.request
             request.num_computed_tokens += s.num_new_tokens
+            if caching:
+                self.kv.cache_computed(request.request_id, request.num_computed_tokens, request.token_ids)
             if request.num_computed_tokens != request.num_tokens:
                 continue  # mid-prompt chunk: its KV is written, nothing is sampled
             token, logprob = sampled[request.request_id]

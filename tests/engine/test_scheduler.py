@@ -44,10 +44,10 @@ def build_policy(name):
 
 
 def make_scheduler(*, num_pages=64, page_size=4, max_num_seqs=4, budget=16, max_model_len=64,
-                   watermark=0.0, policy="fcfs", max_pages_per_seq=None, num_host_pages=0):
+                   watermark=0.0, policy="fcfs", max_pages_per_seq=None, num_host_pages=0, prefix_caching=False):
     clock = Clock()
     kv = KVManager(num_pages, page_size, max_pages_per_seq or -(-max_model_len // page_size), watermark,
-                   num_host_pages=num_host_pages)
+                   num_host_pages=num_host_pages, enable_prefix_caching=prefix_caching)
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len)
     return Scheduler(config, kv, build_policy(policy), clock=clock), clock
 
@@ -79,24 +79,29 @@ def unfinished(requests):
 
 
 def simulate(rng, *, policy, num_pages, page_size, max_num_seqs, budget, max_model_len, num_requests,
-             eos_prob=0.05, abort_prob=0.0, ignore_eos=False, max_prompt=None, min_len=1, num_host_pages=0):
+             eos_prob=0.05, abort_prob=0.0, ignore_eos=False, max_prompt=None, min_len=1, num_host_pages=0,
+             prefix_caching=False):
     """Drive the scheduler like the engine would, with random tokens instead of a model.
 
-    Checks the scheduling contract at every step and returns (requests by id, total preemptions).
-    A fake device memory (``device``: page → (request id, page index) it holds, ``host``: request
-    id → swapped contents) follows the swap plans and the KV writes, and checks that every
-    request runs on exactly its own KV, whether it was parked, swapped out and in, or recomputed.
+    Checks the scheduling contract at every step and returns (requests by id, total preemptions, scheduler).
+    A fake device memory (``device``: page → the token prefix whose KV it holds, up to the last
+    position written in it; ``host``: request id → swapped contents) follows the swap plans and the
+    KV writes, and checks that every request runs on exactly the KV of its own tokens, whether it
+    was parked, swapped out and in, recomputed, or took pages from the prefix cache. With
+    ``prefix_caching`` prompts share prefixes (common bases, copies, continuations of finished
+    requests), and no request ever writes into a page that another holds or that is cached.
     """
     sched, clock = make_scheduler(num_pages=num_pages, page_size=page_size, max_num_seqs=max_num_seqs,
                                   budget=budget, max_model_len=max_model_len, watermark=0.01, policy=policy,
-                                  num_host_pages=num_host_pages)
+                                  num_host_pages=num_host_pages, prefix_caching=prefix_caching)
     kv = sched.kv
     device, host = {}, {}
     capacity = min(kv.max_pages_per_seq, kv.num_usable_pages - kv.watermark_pages) * page_size
     max_prompt = max_prompt or max_model_len - 1
     arrivals = np.sort(rng.integers(0, 3 * num_requests, num_requests))
-    requests, sampled_log, first_admission = {}, {}, []
+    requests, sampled_log, first_admission, ever_deferred = {}, {}, [], set()
     preemptions, pending, t = 0, list(range(num_requests)), 0
+    bases = [rng.integers(3, VOCAB, capacity).tolist() for _ in range(3)]
     while pending or sched.has_unfinished():
         assert t < 50_000, "the scheduler stopped making progress"
         clock.now = float(t)
@@ -107,7 +112,10 @@ def simulate(rng, *, policy, num_pages, page_size, max_num_seqs, budget, max_mod
             stop_ids = [int(rng.integers(3, VOCAB))] if rng.random() < 0.2 else []
             params = clamp_max_tokens(SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos,
                                                      stop_token_ids=stop_ids), n, max_model_len)
-            r = Request(f"r{i:04d}", rng.integers(3, VOCAB, n).tolist(), params, arrival_time=float(t),
+            prompt = rng.integers(3, VOCAB, n).tolist()
+            if prefix_caching:
+                prompt = shared_prefix_prompt(rng, prompt, bases, list(requests.values()))
+            r = Request(f"r{i:04d}", prompt, params, arrival_time=float(t),
                         priority=int(rng.integers(0, 4)), eos_token_id=EOS)
             sched.add_request(r)
             requests[r.request_id], sampled_log[r.request_id] = r, []
@@ -128,6 +136,10 @@ def simulate(rng, *, policy, num_pages, page_size, max_num_seqs, budget, max_mod
         # Every running decode runs every step unless it was preempted: prompts never stall decodes.
         assert decodes_before <= set(ids) | preempted, decodes_before - set(ids) - preempted
         admitted = [i for i in ids if i not in running_before]
+        deferred = {r.request_id for r in out.deferred}
+        assert not deferred & set(ids) and (prefix_caching or not deferred)
+        ever_deferred |= deferred
+        waiting_before = [r for r in waiting_before if r.request_id not in deferred]
         if out.preempted and admitted:  # only a policy's should_preempt admits in a preempting step
             assert policy != "fcfs"
             worst_admitted = max(sched.policy.rank(requests[i], clock.now) for i in admitted)
@@ -154,8 +166,8 @@ def simulate(rng, *, policy, num_pages, page_size, max_num_seqs, budget, max_mod
                 assert owned == 0 and kv.num_host_owned(r.request_id) >= needed > 0
             else:
                 assert owned == 0 == r.num_computed_tokens and kv.num_host_owned(r.request_id) == 0
-        used = sum(kv.num_owned(r.request_id) for r in (*sched.running, *sched.waiting))
-        assert used == kv.num_usable_pages - kv.num_free_pages
+        held = {p for r in (*sched.running, *sched.waiting) for p in kv.pages_of(r.request_id)}
+        assert len(held) == kv.num_usable_pages - kv.num_free_pages
         # The fake device: copies out, then in, then check every row reads its own KV and write.
         for op in out.swap_out:
             assert len(op.pages) >= kv.pages_needed(op.num_tokens) and op.request_id not in host
@@ -165,11 +177,13 @@ def simulate(rng, *, policy, num_pages, page_size, max_num_seqs, budget, max_mod
             assert len(contents) == kv.pages_needed(op.num_tokens) <= len(op.pages)
             device.update(zip(op.pages, contents, strict=False))
         for s in out.scheduled:
-            pages = kv.pages_of(s.request_id)
-            assert [device.get(p) for p in pages[:kv.pages_needed(s.start)]] == [
-                (s.request_id, i) for i in range(kv.pages_needed(s.start))]
+            pages, tokens = kv.pages_of(s.request_id), s.request.all_token_ids
+            for i in range(kv.pages_needed(s.start)):
+                held_prefix = min((i + 1) * page_size, s.start)
+                assert device.get(pages[i], ())[:held_prefix] == tuple(tokens[:held_prefix]), (s.request_id, i)
             for i in range(s.start // page_size, kv.pages_needed(s.end)):
-                device[pages[i]] = (s.request_id, i)
+                assert kv.refcount(pages[i]) == 1 and not kv.is_cached(pages[i]), "a write into a shared page"
+                device[pages[i]] = tuple(tokens[:min((i + 1) * page_size, s.end)])
 
         if sched.has_unfinished() and rng.random() < abort_prob:  # abort while the "device" runs the step
             sched.abort(rng.choice(unfinished(requests)))
@@ -204,25 +218,47 @@ def simulate(rng, *, policy, num_pages, page_size, max_num_seqs, budget, max_mod
             assert (last == EOS and not p.ignore_eos) or last in p.stop_token_ids
         else:
             assert r.status is RequestStatus.FINISHED_ABORTED
-    if policy == "fcfs":  # first admissions happen in arrival order
-        keys = [(requests[i].arrival_time, i) for i in first_admission]
+    if policy == "fcfs":  # first admissions happen in arrival order (a deferred request waits a step)
+        keys = [(requests[i].arrival_time, i) for i in first_admission if i not in ever_deferred]
         assert keys == sorted(keys)
-    return requests, preemptions
+    return requests, preemptions, sched
+
+
+def shared_prefix_prompt(rng, prompt, bases, earlier):
+    """``prompt``'s length, with a start shared with other prompts: a common base, an earlier prompt
+    (as the choices of one request with n > 1 or a repeated question), or an earlier request's
+    prompt and outputs (the next turn of a conversation); or ``prompt`` itself."""
+    n, pick = len(prompt), rng.random()
+    if pick < 0.4:
+        start = bases[int(rng.integers(len(bases)))][:int(rng.integers(0, n + 1))]
+    elif pick < 0.6 and earlier:
+        start = earlier[-1 if rng.random() < 0.5 else int(rng.integers(len(earlier)))].prompt_token_ids
+    elif pick < 0.8 and earlier:
+        start = earlier[int(rng.integers(len(earlier)))].all_token_ids
+    else:
+        return prompt
+    return (list(start) + prompt)[:n]
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "priority", "alise"])
-def test_random_workload_with_arrivals_and_aborts(rng, policy):
-    simulate(rng, policy=policy, num_pages=int(rng.integers(12, 80)), page_size=int(rng.choice([1, 2, 4, 16])),
-             max_num_seqs=int(rng.integers(1, 9)), budget=int(rng.choice([8, 16, 32])), max_model_len=96,
-             num_requests=40, abort_prob=0.02, num_host_pages=int(rng.choice([0, 10, 1000])))
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_random_workload_with_arrivals_and_aborts(rng, policy, prefix_caching):
+    _, _, sched = simulate(
+        rng, policy=policy, num_pages=int(rng.integers(12, 80)), page_size=int(rng.choice([1, 2, 4, 16])),
+        max_num_seqs=int(rng.integers(1, 9)), budget=int(rng.choice([8, 16, 32])), max_model_len=96,
+        num_requests=40, abort_prob=0.02, num_host_pages=int(rng.choice([0, 10, 1000])), prefix_caching=prefix_caching)
+    assert (sched.prefix_cache_hits > 0) == prefix_caching
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "priority", "alise"])
 @pytest.mark.parametrize("num_host_pages", [0, 12, 1000])
-def test_small_pool_preempts_and_every_request_still_gets_all_its_tokens(rng, policy, num_host_pages):
-    requests, preemptions = simulate(
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_small_pool_preempts_and_every_request_still_gets_all_its_tokens(rng, policy, num_host_pages,
+                                                                         prefix_caching):
+    requests, preemptions, _ = simulate(
         rng, policy=policy, num_pages=25, page_size=4, max_num_seqs=8, budget=24, max_model_len=96,
         num_requests=30, ignore_eos=True, max_prompt=48, min_len=8, num_host_pages=num_host_pages,
+        prefix_caching=prefix_caching,
     )
     assert preemptions > 0
     for r in requests.values():
