@@ -255,6 +255,8 @@ async def soak(args, base: str, pid: int, model: str, simulated: bool) -> dict:
             "overload": {**overload.report(), "seconds": round(overload_s, 1),
                          "concurrency": args.concurrency * args.overload_factor},
             "kv_pages_in_use_after": pages,
+            # n > 1 and the shared chat template make prefix-cache hits; their pages must come back too
+            "prefix_cache_hits": int(values.get("scalellm_prefix_cache_hits_total", 0)),
             "still_running_or_waiting_after": values.get("scalellm_num_requests_running", 0)
             + values.get("scalellm_num_requests_waiting", 0),
             "rss_bytes": {"before": rss_before, "after": rss_after, "growth": round(growth, 4)},

@@ -216,6 +216,8 @@ class EngineConfig:
     length_predictor_data: str | None = None  # alise: JSONL of instruction/output rows to warm-start from
     swap_space_gb: float = 4.0  # host memory for preempted requests' KV; 0 = always recompute
     swap_compression: str = "none"  # "int8": compress swapped float KV 2-4× (resumed KV then rounded)
+    # Reuse the KV of full prompt pages already computed (kv_manager): a shared prefix is prefilled once.
+    enable_prefix_caching: bool = True
     # Shape buckets compiled at warmup (None: the engine's defaults, 17 at the default sizes, 25 at 256 seqs and
     # 2048 tokens). Fewer warm up faster (each is one executable: tens of seconds for a 32-layer step on a GPU),
     # but a step pads up to the next kept size. The largest default (max_num_seqs rows / max_num_batched_tokens
@@ -244,6 +246,9 @@ class EngineConfig:
                 continue
             if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < float("inf"):
                 raise ConfigError(f"EngineConfig.{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ConfigError(
+                f"EngineConfig.enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(
                 f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"

@@ -70,6 +70,14 @@ class EngineStats:
     kv_cache_usage: float  # fraction of the usable KV pages in use
     num_preemptions: int  # since start
     kv_pages_in_use: int = 0  # usable KV pages held by requests (0 once every request ended)
+    kv_pages_cached: int = 0  # pages in the prefix cache, held or not (those not held are reclaimable)
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache at admission, since start
+    prefix_cache_hits: int = 0  # of those, tokens found cached (their prefill skipped)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Fraction of looked-up tokens found in the prefix cache (0 before any lookup)."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 class LLMEngine:
@@ -110,7 +118,10 @@ class LLMEngine:
             self.runner = SimulatedRunner(simulated, vocab_size=c.vocab_size, eos_token_id=c.eos_token_id, **shape)
             kernels = f"simulated {simulated.device}"
         num_host_pages = int(config.swap_space_gb * 2**30) // self.runner.swap_page_bytes(config.swap_compression)
-        self.kv = KVManager(num_pages, config.page_size, max_pages_per_seq, num_host_pages=num_host_pages)
+        # int8-swapped KV comes back rounded: pages restored from it are never offered to other prompts
+        self.kv = KVManager(num_pages, config.page_size, max_pages_per_seq, num_host_pages=num_host_pages,
+                            enable_prefix_caching=config.enable_prefix_caching,
+                            exact_swap=config.swap_compression != "int8")
         self.step_costs = StepCostModel(decode_buckets=self.runner.seq_buckets)
         alise = AliseConfig() if config.aging_rate is None else AliseConfig(aging_rate=config.aging_rate)
         if config.scheduling_policy == "alise" and lengths is None:
@@ -132,8 +143,8 @@ class LLMEngine:
         self._finished_preemptions = 0  # preemptions of requests no longer in the scheduler
         self._ids = itertools.count()
         logger.info(
-            "engine: %d KV pages of %d tokens, kernels=%s, max_model_len=%d",
-            num_pages, config.page_size, kernels, self.max_model_len,
+            "engine: %d KV pages of %d tokens, kernels=%s, max_model_len=%d, prefix caching %s",
+            num_pages, config.page_size, kernels, self.max_model_len, "on" if config.enable_prefix_caching else "off",
         )
 
     def warmup(self, progress: bool = True) -> None:
@@ -310,6 +321,9 @@ class LLMEngine:
             kv_cache_usage=1.0 - kv.num_free_pages / kv.num_usable_pages,
             num_preemptions=self._finished_preemptions + live_preemptions,
             kv_pages_in_use=kv.num_usable_pages - kv.num_free_pages,
+            kv_pages_cached=kv.num_cached_pages,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
         )
 
 

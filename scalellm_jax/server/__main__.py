@@ -84,6 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--expert-parallel-size", type=int, default=1)
     for flag, (_, kind, text) in _ENGINE_OPTIONS.items():
         parser.add_argument(flag, type=kind, default=None, help=text, metavar="N,N,..." if kind is _sizes else None)
+    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                        help="prefill every prompt from its first token (by default the KV of prompt prefixes "
+                        "already computed is reused)")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                        help="vLLM's spelling: --no-enable-prefix-caching is --no-prefix-caching")
     parser.add_argument("--simulate-device", default=None, metavar="DEVICE",
                         help="run on a simulated device instead of this host's (one of h200, h100, a100-40gb): "
                         "everything is real but the model step, which takes the device_models cost model's time "
@@ -136,7 +141,7 @@ def _origins(text: str) -> tuple[str, ...]:
 def engine_options(args: argparse.Namespace) -> dict:
     """EngineConfig fields from the flags (demo defaults without --model), validated now, not after loading."""
     options = {} if args.model else dict(DEMO_ENGINE_OPTIONS)
-    for field, _, _ in _ENGINE_OPTIONS.values():
+    for field in [f for f, _, _ in _ENGINE_OPTIONS.values()] + ["enable_prefix_caching"]:
         value = getattr(args, field)
         if value is not None:
             options[field] = value

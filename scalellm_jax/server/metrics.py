@@ -103,6 +103,14 @@ class _EngineCollector(Collector):
                                 value=s.kv_cache_usage if s else 0.0)
         yield GaugeMetricFamily("scalellm_kv_cache_pages_in_use", "KV cache pages held by requests.",
                                 value=s.kv_pages_in_use if s else 0)
+        # vLLM's names (vllm:prefix_cache_queries/hits): counted in tokens; hits / queries is the hit rate
+        yield CounterMetricFamily("scalellm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=s.prefix_cache_queries if s else 0)
+        yield CounterMetricFamily("scalellm_prefix_cache_hits", "Looked-up prompt tokens found in the prefix cache.",
+                                  value=s.prefix_cache_hits if s else 0)
+        yield GaugeMetricFamily("scalellm_kv_cache_pages_cached",
+                                "KV cache pages in the prefix cache (held or reclaimable).",
+                                value=s.kv_pages_cached if s else 0)
         yield CounterMetricFamily("scalellm_num_preemptions", "Requests preempted (KV dropped, recomputed later).",
                                   value=s.num_preemptions if s else 0)
 

@@ -24,6 +24,7 @@ def test_a_short_soak_reports_every_count_and_meets_its_targets(tmp_path):
     assert overload["4xx"].get("429", 0) > 0  # 40 at once, n 1-3, against 8 seats and 24 queued
     assert main["5xx"] == overload["5xx"] == 0 and main["hung"] == overload["hung"] == 0
     assert result["kv_pages_in_use_after"] == 0 and result["still_running_or_waiting_after"] == 0
+    assert result["prefix_cache_hits"] > 0  # the shared pages were taken and let go
     assert result["greedy"]["identical"] is None  # random tokens: not a check on a simulated device
     assert result["checks"]["rss_growth_within_limit"] is True
     assert code == 0 and result["targets_met"]

@@ -31,7 +31,15 @@ def main() -> None:
     parallel_llm = LLM(folder, dtype="float32", tensor_parallel_size=tp, expert_parallel_size=ep, **options)
     engine_tokens = [[o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
                      for llm in (plain, parallel_llm)]
+    # Prefix caching over sharded pools: a shared prefix computed once, then reused by later prompts.
+    shared = list(map(int, tokens[2]))
+    prefixed = [shared + [int(t)] for t in tokens[0][:3]]
+    uncached = LLM(single, enable_prefix_caching=False, **options)
+    prefix_tokens = [[o.token_ids for o in llm.generate(prompt_token_ids=batch, sampling_params=params)]
+                     for llm in (uncached, parallel_llm) for batch in ([shared], prefixed)]
     print(json.dumps({
+        "prefix_equal": prefix_tokens[:2] == prefix_tokens[2:],
+        "prefix_hits": parallel_llm.engine.stats().prefix_cache_hits,
         "engine_equal": engine_tokens[0] == engine_tokens[1],
         "engine_mesh_shape": dict(parallel_llm.model.mesh.shape),
         "devices": jax.device_count(),

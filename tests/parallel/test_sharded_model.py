@@ -42,6 +42,7 @@ def test_sharded_logits_and_generate_equal_single_device(make_hf_mixtral, ep, tp
     assert result["generate_equal"]
     assert result["engine_equal"]
     assert result["engine_mesh_shape"] == {"expert": ep, "tensor": tp}
+    assert result["prefix_equal"] and result["prefix_hits"] >= 3 * 8  # the shared 11 tokens' 2 full pages, 3 times
     assert result["wq_shard_shape"] == [32, 8 // tp, 4]  # heads split over the tensor axis
     assert result["w_gate_shard_shape"] == [8 // ep, 32, 64 // tp]  # experts over expert, I over tensor
     # KV pools: split over the tensor axis by KV head when the heads divide, else replicated.

@@ -22,7 +22,7 @@ def test_help_lists_the_options(capsys):
     out = capsys.readouterr().out
     for option in ("--model", "--host", "--port", "--scheduling-policy", "--tensor-parallel-size",
                    "--expert-parallel-size", "--api-key", "--max-queued-requests", "--shutdown-grace-s",
-                   "--keepalive-timeout-s", "--request-read-timeout-s", "--max-connections"):
+                   "--keepalive-timeout-s", "--request-read-timeout-s", "--max-connections", "--no-prefix-caching"):
         assert option in out
 
 
@@ -69,6 +69,15 @@ def test_bucket_flags_become_engine_config_fields():
     assert options == {"max_num_seqs": 32, "decode_buckets": (16, 4, 16), "token_buckets": (256,)}
     config = cli.EngineConfig(**options)
     assert (config.decode_buckets, config.token_buckets) == ((4, 16), (256,))
+
+
+@pytest.mark.parametrize("argv, enabled", [
+    ([], True), (["--no-prefix-caching"], False), (["--no-enable-prefix-caching"], False),
+    (["--enable-prefix-caching"], True),
+])
+def test_prefix_caching_is_on_unless_turned_off(argv, enabled):
+    options = cli.engine_options(cli.parse_args(["--model", "tiny", *argv]))
+    assert cli.EngineConfig(**options).enable_prefix_caching is enabled
 
 
 def test_a_folder_without_a_checkpoint_fails_loading_in_one_line(tmp_path, capsys):

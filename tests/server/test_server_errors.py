@@ -182,7 +182,8 @@ def test_metrics_expose_the_documented_names(server):
                  "scalellm_e2e_request_latency_seconds_bucket", "scalellm_request_queue_time_seconds_bucket",
                  "scalellm_num_requests_running", "scalellm_num_requests_waiting", "scalellm_num_requests_swapped",
                  "scalellm_kv_cache_usage_ratio", "scalellm_kv_cache_pages_in_use", "scalellm_num_preemptions_total",
-                 "scalellm_prompt_tokens_total",
+                 "scalellm_prompt_tokens_total", "scalellm_kv_cache_pages_cached",
+                 "scalellm_prefix_cache_queries_total", "scalellm_prefix_cache_hits_total",
                  "scalellm_generation_tokens_total"):
         assert f"\n{name}" in text, name
     for histogram in ("time_to_first_token", "request_queue_time", "e2e_request_latency"):
