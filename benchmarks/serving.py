@@ -72,6 +72,8 @@ class Result:
     chunk_times: list[float] = dataclasses.field(default_factory=list)
     output_tokens: int = 0
     error: str | None = None
+    prompt_tokens: int = 0  # engine_request only (HTTP: not read back)
+    token_ids: list[int] = dataclasses.field(default_factory=list)  # engine_request only
 
     @property
     def tpot(self) -> float | None:
@@ -140,11 +142,12 @@ async def engine_request(engine, work: Work) -> Result:
 
     params = SamplingParams(max_tokens=work.max_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
-    result = Result(ok=False)
+    result = Result(ok=False, prompt_tokens=len(work.prompt_ids))
     try:
         async for out in engine.add_request(work.prompt_ids, params, coalesce=True):
             result.chunk_times.append(time.perf_counter() - start)
             result.output_tokens = len(out.token_ids)
+            result.token_ids = out.token_ids
     except Exception as exc:
         result.error = repr(exc)
         return result
