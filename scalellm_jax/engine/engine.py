@@ -60,6 +60,7 @@ class RequestOutput:
     # per prompt token: None for the first, then (its logprob, [(id, logprob)] of the prompt_logprobs most
     # likely); the request's own list, complete once the first output token exists (when asked)
     prompt_logprobs: list | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (at first admission)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +286,7 @@ class LLMEngine:
             finished=request.status.is_finished,
             finish_reason=request.finish_reason,
             text=text,
+            num_cached_tokens=request.num_cached_tokens,
         )
 
     def _text(self, request: Request, token_ids: list[int]) -> str:

@@ -26,13 +26,18 @@ FINISH_REASONS = ("stop", "length")  # the others ("abort", "error") never reach
 
 
 def usage(job: Job, choices: list[Choice]) -> protocol.Usage:
-    """Prompt tokens count once per prompt (not per choice), as OpenAI counts them; choices with no output
-    yet (mid-stream) count nothing."""
-    per_prompt = {p: len(c.output.prompt_token_ids) for (p, _), c in zip(job.choices, choices, strict=True)
-                  if c.output is not None}
-    prompt = sum(per_prompt.values())
+    """Prompt tokens count once per prompt (not per choice), as OpenAI counts them, and so do their cached
+    tokens (as the prompt's first choice with output found them); choices with no output yet (mid-stream)
+    count nothing."""
+    per_prompt: dict[int, tuple[int, int]] = {}
+    for (p, _), c in zip(job.choices, choices, strict=True):
+        if c.output is not None and p not in per_prompt:
+            per_prompt[p] = (len(c.output.prompt_token_ids), c.output.num_cached_tokens)
+    prompt = sum(n for n, _ in per_prompt.values())
     completion = sum(len(c.output.token_ids) for c in choices if c.output is not None)
-    return protocol.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return protocol.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                          prompt_tokens_details=protocol.PromptTokensDetails(
+                              cached_tokens=sum(cached for _, cached in per_prompt.values())))
 
 
 def full_response(job: Job, choices: list[Choice], tokenizer: Tokenizer) -> str:

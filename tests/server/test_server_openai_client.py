@@ -40,6 +40,18 @@ def test_completion_and_its_stream_agree(client):
     assert re.fullmatch(r"cmpl-[0-9a-f]{32}", whole.id) and re.fullmatch(r"cmpl-[0-9a-f]{32}", chunks[0].id)
 
 
+def test_a_repeated_chat_reports_its_cached_prompt_tokens(client, served):
+    messages = [{"role": "user", "content": "Tell me, in a few words, why the sky looks blue at noon"}]
+    prompt = served.tokenizer.apply_chat_template(messages)
+    page_size = served.engine.engine.config.page_size
+    usages = [client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0.0).usage
+              for _ in range(2)]
+    assert usages[0].prompt_tokens == usages[1].prompt_tokens == len(prompt)
+    # the second finds every full page of the prompt cached; the last token is always computed
+    assert usages[1].prompt_tokens_details.cached_tokens == (len(prompt) - 1) // page_size * page_size > 0
+    assert usages[0].prompt_tokens_details.cached_tokens < usages[1].prompt_tokens_details.cached_tokens
+
+
 @pytest.mark.parametrize("engine_thread_limit", [0, generation.ENGINE_THREAD_TOKENIZE_MAX_CHARS])
 def test_prompts_tokenized_in_the_pool_or_on_the_engine_thread_give_the_same_response(
         client, served, monkeypatch, engine_thread_limit):
