@@ -249,12 +249,22 @@ class EngineConfig:
         if not isinstance(self.enable_prefix_caching, bool):
             raise ConfigError(
                 f"EngineConfig.enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(f"EngineConfig.max_num_batched_tokens must be >= max_num_seqs ({self.max_num_seqs}) so "
+                              f"every running sequence's decode fits in a step, got {self.max_num_batched_tokens}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(
                 f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
             )
         for name, limit in (("decode_buckets", "max_num_seqs"), ("token_buckets", "max_num_batched_tokens")):
             object.__setattr__(self, name, _bucket_sizes(name, getattr(self, name), limit, getattr(self, limit)))
+
+
+def check_fits_model(engine: EngineConfig, model: ModelConfig) -> None:
+    """The engine options' checks against the model's config (read before any weight loads)."""
+    if engine.max_model_len is not None and engine.max_model_len > model.max_position_embeddings:
+        raise ConfigError(f"EngineConfig.max_model_len {engine.max_model_len} is over the model's context of "
+                          f"{model.max_position_embeddings} positions (max_position_embeddings)")
 
 
 def _bucket_sizes(name: str, value, limit_name: str, limit: int) -> tuple[int, ...] | None:

@@ -3,7 +3,7 @@ import json
 import pytest
 from transformers import MixtralConfig
 
-from scalellm_jax.config import PRESETS, ConfigError, ModelConfig, preset
+from scalellm_jax.config import PRESETS, ConfigError, EngineConfig, ModelConfig, preset
 
 
 def test_reads_transformers_config_including_rope_parameters():
@@ -67,3 +67,16 @@ def test_bad_json_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ConfigError, match="model_type must be 'mixtral'"):
         ModelConfig.from_json_file(tmp_path / "config.json")
+
+
+def test_engine_options_the_model_cannot_take_fail_before_loading(monkeypatch):
+    from scalellm_jax import LLM
+    from scalellm_jax.engine import llm
+
+    monkeypatch.setattr(llm.Model, "random", lambda *a, **k: pytest.fail("checked after loading"))
+    with pytest.raises(ConfigError, match="max_model_len 100000 is over the model's context of 4096"):
+        LLM("tiny", max_model_len=100000, warmup=False)
+    with pytest.raises(ConfigError, match="tensor_parallel_size 8"):
+        LLM("tiny", tensor_parallel_size=8, warmup=False)
+    with pytest.raises(ConfigError, match="max_num_batched_tokens must be >= max_num_seqs"):
+        EngineConfig(max_num_seqs=64, max_num_batched_tokens=32)

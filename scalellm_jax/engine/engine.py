@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from scalellm_jax.config import EngineConfig
+from scalellm_jax.config import EngineConfig, check_fits_model
 from scalellm_jax.engine.kv_manager import KVManager
 from scalellm_jax.engine.memory import device_budget_bytes, plan_memory
 from scalellm_jax.engine.policies import AliseConfig, LengthEstimates, make_policy
@@ -93,7 +93,8 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.simulated = simulated
         c = model.config
-        self.max_model_len = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
+        check_fits_model(config, c)
+        self.max_model_len = config.max_model_len or c.max_position_embeddings
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
         if simulated is None:
             mesh_shape = dict(model.mesh.shape) if model.mesh is not None else {}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from scalellm_jax.config import PRESETS, ConfigError, EngineConfig
+from scalellm_jax.config import PRESETS, ConfigError, EngineConfig, preset
 from scalellm_jax.engine.memory import configure_allocator
 from scalellm_jax.server.app import STATE, create_app, start_runner
 from scalellm_jax.server.config import DEMO_ENGINE_OPTIONS, DEMO_MODEL_NAME, DEMO_PRESET, ServerConfig
@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "instruction ends after as many tokens as its output had")
     parser.add_argument("--api-key", default=os.environ.get("SCALELLM_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $SCALELLM_API_KEY)")
-    parser.add_argument("--max-queued-requests", type=int, default=1024,
+    parser.add_argument("--max-queued-requests", type=int, default=ServerConfig.max_queued_requests,
                         help="requests that may wait beyond the running batch; more get HTTP 429")
     parser.add_argument("--compilation-cache-dir", default=str(_default_cache_dir()),
                         help="XLA's persistent compilation cache: later starts skip most compiling ('' = off)")
@@ -147,11 +147,36 @@ def engine_options(args: argparse.Namespace) -> dict:
             options[field] = value
     try:
         EngineConfig(seed=args.seed, **options)
-    except ConfigError as exc:  # "EngineConfig.max_num_seqs must be ..." → name the flag
-        message = str(exc).removeprefix("EngineConfig.")
-        field = message.split(" ", 1)[0]
-        raise CLIError(f"--{field.replace('_', '-')}: {message}") from None
+    except ConfigError as exc:
+        raise _flag_error(exc) from None
     return options
+
+
+def _flag_error(exc: ConfigError) -> CLIError:
+    """"EngineConfig.max_num_seqs must be ..." or "tensor_parallel_size 8 must ..." → the flag's name first."""
+    message = str(exc).removeprefix("EngineConfig.")
+    field = message.split(" ", 1)[0]
+    return CLIError(f"--{field.replace('_', '-')}: {message}")
+
+
+def check_against_model(args: argparse.Namespace, options: dict) -> None:
+    """The checks that need the model's config (a preset, or a checkpoint's config file: no weights), so
+    that a flag the model cannot take fails now, naming it, not after minutes of loading."""
+    from scalellm_jax.config import check_fits_model
+    from scalellm_jax.loader import read_model_config
+    from scalellm_jax.parallel import ParallelConfig
+
+    model = args.model or DEMO_PRESET
+    try:
+        model_config = preset(model) if model in PRESETS else read_model_config(model)
+    except (OSError, ValueError):
+        return  # an unreadable checkpoint: loading says why, in one line
+    try:
+        ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
+                       expert_parallel_size=args.expert_parallel_size).check(model_config)
+        check_fits_model(EngineConfig(seed=args.seed, **options), model_config)
+    except ConfigError as exc:
+        raise _flag_error(exc) from None
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -290,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = engine_options(args)
         config = server_config(args)
+        check_against_model(args, options)
         # before the loading thread's first JAX call starts the backends
         configure_allocator(options.get("gpu_memory_utilization", EngineConfig.gpu_memory_utilization))
         with _event_loop(args.event_loop) as runner:

@@ -50,8 +50,14 @@ def test_help_lists_the_options(capsys):
     (["--keepalive-timeout-s", "0"], "--keepalive-timeout-s"),
     (["--request-read-timeout-s", "nan"], "--request-read-timeout-s"),
     (["--max-connections", "0"], "--max-connections"),
+    # cross-field and against the model's config: before anything loads
+    (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], "--max-num-batched-tokens"),
+    (["--model", "tiny", "--tensor-parallel-size", "8"], "--tensor-parallel-size"),
+    (["--model", "tiny", "--expert-parallel-size", "3"], "--expert-parallel-size"),
+    (["--model", "tiny", "--max-model-len", "100000"], "--max-model-len"),
 ])
-def test_bad_options_exit_2_with_one_line(capsys, argv, option):
+def test_bad_options_exit_2_with_one_line(capsys, monkeypatch, argv, option):
+    monkeypatch.setattr(cli, "load", lambda *args: pytest.fail("a bad option must fail before loading"))
     assert _exit_code(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and option in err and "\n" not in err, err
