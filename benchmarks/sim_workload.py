@@ -233,7 +233,7 @@ def length_tables(requests: list[Request], stream: Stream, predictions: np.ndarr
 
 def train_predictor(train: list[Row], fast: bool):
     """The output-length predictor fitted on the training rows (``fast``: no MiniLM, for tests)."""
-    from scalellm_jax.engine.predictor import OutputLengthPredictor, PredictorConfig
+    from scalellm_jax.length_predictor.predictor import OutputLengthPredictor, PredictorConfig
 
     config = PredictorConfig(encoders=(("hashed", 1.0), ("structure", 0.1), ("cues", 0.1))) if fast else None
     predictor = OutputLengthPredictor(config)

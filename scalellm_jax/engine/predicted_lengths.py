@@ -14,15 +14,15 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from scalellm_jax.engine.predictor import (
+from scalellm_jax.engine.request import Request, RequestStatus
+from scalellm_jax.length_predictor.predictor import (
     LIGHT_ENCODERS,
     MINILM_ENCODERS,
     AsyncPredictor,
     OutputLengthPredictor,
     PredictorConfig,
 )
-from scalellm_jax.engine.request import Request, RequestStatus
-from scalellm_jax.engine.tiered_predictor import TieredPredictor
+from scalellm_jax.length_predictor.tiered import TieredPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class PredictedLengths:
         config = config or PredictorConfig()
         rows = None
         if warm_start is not None:
-            from scalellm_jax.engine.predictor_eval import load_rows
+            from scalellm_jax.length_predictor.evaluation import load_rows
 
             rows = load_rows(warm_start, tokenizer)
             predictor = OutputLengthPredictor(config).fit(*rows)

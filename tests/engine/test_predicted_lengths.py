@@ -7,8 +7,8 @@ import time
 import pytest
 
 from scalellm_jax.engine.predicted_lengths import PredictedLengths
-from scalellm_jax.engine.predictor import PredictorConfig
 from scalellm_jax.engine.request import Request, RequestStatus, SamplingParams
+from scalellm_jax.length_predictor.predictor import PredictorConfig
 
 CHEAP = PredictorConfig(encoders=(("hashed", 1.0),), hashed_dim=64, min_observations=1, refit_every=1)
 

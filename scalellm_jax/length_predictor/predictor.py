@@ -20,15 +20,15 @@ ALISE's design, on the host CPU and without torch:
 dataset (``fit``, ``from_dataset``). The engine thread should not call it directly:
 ``AsyncPredictor`` runs it on one worker thread, and the engine only ever does
 ``submit(key, prompt)``, ``get(key)`` and ``observe(prompt, n)``, none of which block.
-``tiered_predictor.TieredPredictor`` does the same with two predictors: a fast one for every
+``tiered.TieredPredictor`` does the same with two predictors: a fast one for every
 request at once, the accurate (MiniLM) one when the host has time.
 
 MiniLM (and the one-off build of the static table) runs on numpy's BLAS. With more BLAS threads
 than idle cores (a busy serving host), OpenBLAS's spinning threads make it several times slower:
 start servers with ``OPENBLAS_NUM_THREADS=1`` (JAX does not use OpenBLAS).
 
-``python -m scalellm_jax.engine.predictor eval --train T.jsonl --test S.jsonl [--json]`` measures it
-(see ``predictor_eval``).
+``python -m scalellm_jax.length_predictor eval --train T.jsonl --test S.jsonl [--json]`` measures it
+(see ``evaluation``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
-from scalellm_jax.engine.text_encoder import TextEncoder, make_encoder
+from scalellm_jax.length_predictor.dataset import load_rows
+from scalellm_jax.length_predictor.encoders import make_encoder
+from scalellm_jax.length_predictor.text_encoder import TextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ REGRESSORS = ("alise", "ridge", "knn")
 class PredictorConfig:
     """How the predictor encodes prompts and learns.
 
-    ``encoders``: (name, weight) pairs from ``text_encoder.ENCODERS``; the weight scales that block
+    ``encoders``: (name, weight) pairs from ``encoders.ENCODERS``; the weight scales that block
     of the feature vector (a larger weight means weaker regularisation of it). The first encoder's
     block is the retrieval key. ``regressor``: "alise" (retrieval when neighbours are near, ridge
     otherwise), "ridge" or "knn" (always the k nearest neighbours). ``minilm_layer`` is the MiniLM
@@ -152,8 +154,6 @@ class OutputLengthPredictor:
     def from_dataset(cls, path: str | Path, config: PredictorConfig | None = None, tokenizer=None):
         """A predictor warm-started from a JSONL file of ``instruction``/``output`` rows (lengths in
         ``tokenizer`` tokens, Mixtral's by default)."""
-        from scalellm_jax.engine.predictor_eval import load_rows
-
         texts, lengths = load_rows(path, tokenizer)
         return cls(config).fit(texts, lengths)
 
@@ -430,9 +430,3 @@ class AsyncPredictor(PredictionQueue):
         for (_, _, _, future), value in zip(predicts, values, strict=True):
             if future is not None:
                 future.set_result(float(value))
-
-
-if __name__ == "__main__":
-    from scalellm_jax.engine.predictor_eval import main
-
-    raise SystemExit(main())

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scalellm_jax.engine.text_encoder import MiniLMEncoder, _normalize_rows, minilm_model_dir
+from scalellm_jax.length_predictor.text_encoder import MiniLMEncoder, _normalize_rows, minilm_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class StaticMiniLMEncoder:
 
 
 if __name__ == "__main__":
-    # `python -m scalellm_jax.engine.static_embedding`: build (or find) the cached table ahead of the
+    # `python -m scalellm_jax.length_predictor.static_embedding`: build (or find) the cached table ahead of the
     # first server start, which would otherwise spend that time before its first fast prediction.
     import importlib.util
 

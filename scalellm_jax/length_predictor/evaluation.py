@@ -1,8 +1,8 @@
 """Measuring the output-length predictor: dataset rows, rank metrics, and the ``eval`` CLI.
 
-    python -m scalellm_jax.engine.predictor eval --train TRAIN.jsonl --test TEST.jsonl [--json]
-    python -m scalellm_jax.engine.predictor eval --data ROWS.jsonl --split 0.5 --seed 0
-    python -m scalellm_jax.engine.predictor eval --data ROWS.jsonl --folds 5 --seed 0
+    python -m scalellm_jax.length_predictor eval --train TRAIN.jsonl --test TEST.jsonl [--json]
+    python -m scalellm_jax.length_predictor eval --data ROWS.jsonl --split 0.5 --seed 0
+    python -m scalellm_jax.length_predictor eval --data ROWS.jsonl --folds 5 --seed 0
 
 Rows are JSON objects with string fields ``instruction`` (the prompt) and ``output`` (what the
 model answered); lengths are counted in Mixtral tokenizer tokens. The predictor sees only the
@@ -24,7 +24,7 @@ Reported per rate: the fraction of requests on the accurate tier by each read, t
 the values read then (none yet = the policy's default, 256), the fast tier's latency and the CPU
 each tier's thread spent per prompt.
 
-    python -m scalellm_jax.engine.predictor stream --data ROWS.jsonl --folds 5 --rates 5,10,20,40 [--json]
+    python -m scalellm_jax.length_predictor stream --data ROWS.jsonl --folds 5 --rates 5,10,20,40 [--json]
 
 ``--inner-folds K --lambda-grid A,B,..`` picks the ridge lambda inside each training set by
 K-fold CV on it (best mean Kendall's tau), so no test row influences the choice.
@@ -37,52 +37,17 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from scalellm_jax.engine.predictor import (
+from scalellm_jax.length_predictor.dataset import load_rows
+from scalellm_jax.length_predictor.predictor import (
     DEFAULT_ENCODERS,
     MINILM_ENCODERS,
     REGRESSORS,
     OutputLengthPredictor,
     PredictorConfig,
 )
-
-
-class DatasetError(ValueError):
-    """A dataset file that cannot be read; the message names the file, line and field."""
-
-
-def load_rows(path: str | Path, tokenizer=None) -> tuple[list[str], list[int]]:
-    """Prompts and output lengths (tokens of ``tokenizer``, default Mixtral's) from a JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
-    texts, outputs = [], []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}:{number}: expected a JSON object with 'instruction' and 'output'")
-            for field in ("instruction", "output"):
-                if not isinstance(row.get(field), str):
-                    problem = "missing" if field not in row else f"not a string ({type(row[field]).__name__})"
-                    raise DatasetError(f"{path}:{number}: field '{field}' is {problem}")
-            texts.append(row["instruction"])
-            outputs.append(row["output"])
-    if not texts:
-        raise DatasetError(f"{path}: no rows")
-    if tokenizer is None:
-        from scalellm_jax.tokenizer import MistralTokenizer
-
-        tokenizer = MistralTokenizer()
-    return texts, [len(tokenizer.encode(text, add_bos=False)) for text in outputs]
 
 
 def rank_metrics(predicted, actual) -> dict:
@@ -207,7 +172,7 @@ def stream_eval(fast_config: PredictorConfig, accurate_config: PredictorConfig, 
     """Real-time ``TieredPredictor`` runs on Poisson streams of each fold's prompts (see the module doc)."""
     import heapq
 
-    from scalellm_jax.engine.tiered_predictor import ACCURATE, TieredPredictor
+    from scalellm_jax.length_predictor.tiered import ACCURATE, TieredPredictor
 
     order = np.random.default_rng(seed).permutation(len(rows[0]))
     encoders = {"fast": fast_config.build_encoders(), "accurate": accurate_config.build_encoders()}
@@ -305,7 +270,7 @@ def stream_eval(fast_config: PredictorConfig, accurate_config: PredictorConfig, 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m scalellm_jax.engine.predictor",
+    parser = argparse.ArgumentParser(prog="python -m scalellm_jax.length_predictor",
                                      description="Output-length predictor tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("eval", help="fit on training rows, report rank metrics on test rows")
@@ -464,7 +429,3 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['cpu_ms_per_prompt_batched']:.3f} in batches of {summary['timing']['batch_size']} "
               f"({summary['timing']['prompts']} prompts, nothing cached)")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

