@@ -250,7 +250,6 @@ def device_engine(args, setup):
     """The real engine on the simulated device with the simulator's geometry, KV pool and swap space."""
     from scalellm_jax.config import EngineConfig, preset
     from scalellm_jax.engine.engine import LLMEngine
-    from scalellm_jax.engine.policies import AliseConfig
     from scalellm_jax.engine.simulated_device import SimulatedDevice
     from scalellm_jax.loader import Model
 
@@ -259,7 +258,7 @@ def device_engine(args, setup):
     config = EngineConfig(max_num_seqs=g.max_num_seqs, max_num_batched_tokens=g.max_num_batched_tokens,
                           max_model_len=g.max_model_len, page_size=g.page_size, num_pages=setup.budget.num_pages,
                           kv_cache_dtype="int8" if args.kv_cache_dtype == "int8" else "auto",
-                          swap_space_gb=swap_space_gb(args), aging_rate=AliseConfig().aging_rate)
+                          swap_space_gb=swap_space_gb(args))
     device = SimulatedDevice(args.simulate_device, model.config, seed=args.seed)
     engine = LLMEngine(model, config, simulated=device)
     if (engine.kv.num_pages, engine.kv.num_host_pages) != (setup.budget.num_pages, setup.budget.num_host_pages):
@@ -406,7 +405,6 @@ def cpu_main(args, say) -> dict:
     from benchmarks.offline_throughput import model_config
     from scalellm_jax.config import EngineConfig
     from scalellm_jax.engine.engine import LLMEngine
-    from scalellm_jax.engine.policies import AliseConfig
     from scalellm_jax.loader import Model
     from scalellm_jax.tokenizer import MistralTokenizer
 
@@ -416,7 +414,7 @@ def cpu_main(args, say) -> dict:
     say(f"predictor fitted in {fit_s:.1f} s; {args.num_requests} requests, mean output "
         f"{np.mean([rows[i].output_len for i in streams[0].row_index]):.0f} tokens, {args.repeats} streams")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_model_len=args.max_model_len, aging_rate=AliseConfig().aging_rate)
+                          max_model_len=args.max_model_len)
     engine = LLMEngine(Model.random(model_config(False), seed=0, dtype="float32"), config)
     start = time.perf_counter()
     engine.warmup(progress=False)

@@ -125,7 +125,7 @@ class LLMEngine:
                             enable_prefix_caching=config.enable_prefix_caching,
                             exact_swap=config.swap_compression != "int8")
         self.step_costs = StepCostModel(decode_buckets=self.runner.seq_buckets)
-        alise = AliseConfig() if config.aging_rate is None else AliseConfig(aging_rate=config.aging_rate)
+        alise = AliseConfig(aging_rate=config.aging_rate)
         if config.scheduling_policy == "alise" and lengths is None:
             from scalellm_jax.engine.predicted_lengths import PredictedLengths  # loads the sentence encoder
 

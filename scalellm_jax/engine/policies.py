@@ -18,6 +18,7 @@ import abc
 from dataclasses import dataclass
 from typing import Protocol
 
+from scalellm_jax.config import DEFAULT_AGING_RATE
 from scalellm_jax.engine.batch_width import BatchWidth, BatchWidthConfig
 from scalellm_jax.engine.request import Request
 from scalellm_jax.engine.step_costs import StepCostModel
@@ -111,9 +112,7 @@ class AliseConfig:
     turns width control off.
     """
 
-    # aging_rate tuned with benchmarks/scheduler_sim.py (AlpacaEval/Mixtral lengths, loads 0.9-1.2): 0.3
-    # rather than 0.2 keeps alise's p99 latency within 1.2x fcfs's under overload, for ~2% more mean.
-    aging_rate: float = 0.3
+    aging_rate: float = DEFAULT_AGING_RATE
     priority_weight_s: float = 10.0
     preempt_ratio: float = 4.0
     overrun_factor: float = 1.5
