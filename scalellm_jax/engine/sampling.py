@@ -21,11 +21,11 @@ _ARGMAX_CHUNK = 128
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
-    """``jnp.argmax(x, axis=-1)`` for [B, V] as int32 (first index of the maximum), ~20× faster on XLA:CPU.
+    """``jnp.argmax(x, axis=-1)`` for [B, V] as int32 (first index of the maximum), much faster on XLA:CPU.
 
-    XLA:CPU runs argmax as a slow variadic (value, index) reduce (5 ms for 64 × 32000 on 2 cores),
-    and a max plus a masked min over the whole row materialises a [B, V] index array (1.4 ms).
-    Two levels instead (0.25 ms): the maximum of every 128-wide chunk, the first chunk that holds
+    XLA:CPU runs argmax as a slow variadic (value, index) reduce, and a max plus a masked min over
+    the whole row materialises a [B, V] index array; both cost more than the rest of sampling
+    (``benchmarks.sampling``). Two levels instead: the maximum of every 128-wide chunk, the first chunk that holds
     the row's maximum, then the first matching index inside that one chunk. A row holding NaN
     still maps to a valid token id.
     """

@@ -3,7 +3,7 @@ when the host has time.
 
 Neither predictor alone meets the serving budget: the default encoders (hashed n-grams + static
 MiniLM + layout + cues) cost well under a millisecond of CPU per prompt but rank lengths less well
-than the full MiniLM (``MINILM_ENCODERS``), which costs ~20 ms per prompt
+than the full MiniLM (``MINILM_ENCODERS``), which costs tens of milliseconds per prompt
 (``benchmarks/results/predictor-*.json``). ``TieredPredictor`` runs both on two worker threads:
 
 * The fast thread owns the queue the engine feeds (``submit``/``observe``, which never block). It

@@ -12,8 +12,8 @@ _ORIGIN = re.compile(r"https?://[^/\s:]+(:\d{1,5})?")
 # weights (seed 0) and the real Mixtral tokenizer. Its output is gibberish; every stage is real.
 DEMO_PRESET = "tiny"
 DEMO_MODEL_NAME = "mixtral-tiny-random-demo"
-# Few shape buckets (1, 2, 4, 8, 16 sequences; 16, 32 tokens): warmup compiles each once (~30 s on
-# 2 CPU cores the first time; later starts reuse XLA's persistent compilation cache, ~6 s).
+# Few shape buckets (1, 2, 4, 8, 16 sequences; 16, 32 tokens): warmup compiles each once (tens of
+# seconds on a small CPU the first time; later starts reuse XLA's persistent compilation cache).
 DEMO_ENGINE_OPTIONS = dict(max_num_seqs=16, max_num_batched_tokens=32, max_model_len=2048)
 
 

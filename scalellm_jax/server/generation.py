@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
 # Prompts (chat: all message text) up to this many characters are tokenized on the engine thread:
-# ~0.5 ms at most with Mixtral's tokenizer (0.25 µs a character), less than one thread hop under load.
+# with Mixtral's tokenizer that costs less than one thread hop under load (see async_engine).
 ENGINE_THREAD_TOKENIZE_MAX_CHARS = 2048
 
 
