@@ -369,8 +369,9 @@ class Scheduler:
             if hit:
                 request.num_computed_tokens = kv.take_prefix(rid, hit)
             if not self._allocate(request, request.num_computed_tokens + n, new_request=True):
-                kv.free(rid)
-                request.num_computed_tokens = 0
+                if hit:  # give the cached prefix back; a parked request keeps its own pages
+                    kv.free(rid)
+                    request.num_computed_tokens = 0
                 return 0
         if looked_up:
             self.prefix_cache_queries += request.num_tokens

@@ -582,3 +582,20 @@ def test_step_cost_model_learns_decode_and_prefill_costs():
     assert costs.decode_step_s == pytest.approx(0.02, rel=1e-3)
     assert costs.prefill_token_s == pytest.approx(0.001, rel=1e-2)
     assert costs.estimate_s(prefill_tokens=10, decode_steps=5) == pytest.approx(0.11, rel=1e-2)
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_a_parked_request_that_cannot_resume_yet_keeps_its_pages(prefix_caching):
+    sched, _ = make_scheduler(num_pages=6, page_size=4, budget=16, prefix_caching=prefix_caching)
+    sched.add_request(req("a", 8, max_tokens=8))
+    step(sched)
+    a = sched.get("a")
+    sched._preempt(a)  # parked: its pages stay on the device
+    owned, computed = sched.kv.num_owned("a"), a.num_computed_tokens
+    assert sched.kv.allocate("hog", 4 * sched.kv.num_free_pages, new_request=False)  # nothing left to grow into
+    out, _ = step(sched)
+    assert not out.scheduled and a.kv is KVLocation.DEVICE
+    assert (sched.kv.num_owned("a"), a.num_computed_tokens) == (owned, computed)
+    sched.kv.free("hog")
+    out, _ = step(sched)  # resumes where it was, nothing recomputed
+    assert [(s.request_id, s.start) for s in out.scheduled] == [("a", computed)]
