@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scalellm_jax.config import ModelConfig
+from scalellm_jax.config import PRESETS, ModelConfig, check_fits_model, preset
 from scalellm_jax.model import CausalAttention, Mixtral
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,18 @@ def read_model_config(path: str | Path) -> ModelConfig:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a checkpoint folder")
     return read_config(path)[0] if is_converted(path) else ModelConfig.from_json_file(path / "config.json")
+
+
+def model_config_of(model: str | Path) -> ModelConfig:
+    """A preset's config, or a checkpoint folder's (``read_model_config``: no weights)."""
+    return preset(model) if model in PRESETS else read_model_config(model)
+
+
+def check_options_against_model(model_config: ModelConfig, engine, parallel) -> None:
+    """Every check of the engine (``EngineConfig``) and parallel (``ParallelConfig``) options that needs the
+    model's config, before anything loads: ``ConfigError`` naming the option."""
+    parallel.check(model_config)
+    check_fits_model(engine, model_config)
 
 
 def load(path: str | Path, dtype: str | Any = "bfloat16", parallel=None) -> Model:

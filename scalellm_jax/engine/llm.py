@@ -8,12 +8,12 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from scalellm_jax.config import PRESETS, EngineConfig, check_fits_model, preset
+from scalellm_jax.config import PRESETS, EngineConfig, preset
 from scalellm_jax.engine.engine import LLMEngine, RequestOutput
 from scalellm_jax.engine.memory import configure_allocator
 from scalellm_jax.engine.request import SamplingParams
 from scalellm_jax.engine.simulated_device import SimulatedDevice, load_workload_lengths
-from scalellm_jax.loader import Model, load, read_model_config
+from scalellm_jax.loader import Model, check_options_against_model, load, model_config_of, read_model_config
 from scalellm_jax.parallel import ParallelConfig
 from scalellm_jax.tokenizer import load_tokenizer
 
@@ -44,10 +44,8 @@ class LLM:
             raise ValueError("simulate_lengths: only with simulate_device")
         configure_allocator(config.gpu_memory_utilization)  # before the first JAX call starts the backends
         parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, expert_parallel_size=expert_parallel_size)
-        if not isinstance(model, Model):  # every check that needs the model's config, before any weight loads
-            model_config = preset(model) if model in PRESETS else read_model_config(model)
-            parallel.check(model_config)
-            check_fits_model(config, model_config)
+        if not isinstance(model, Model):
+            check_options_against_model(model_config_of(model), config, parallel)
         if isinstance(model, Model):
             loaded, tokenizer_source = model, None
         elif model in PRESETS:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from scalellm_jax.config import PRESETS, ConfigError, EngineConfig, preset
+from scalellm_jax.config import PRESETS, ConfigError, EngineConfig
 from scalellm_jax.engine.memory import configure_allocator
 from scalellm_jax.server.app import STATE, create_app, start_runner
 from scalellm_jax.server.config import DEMO_ENGINE_OPTIONS, DEMO_MODEL_NAME, DEMO_PRESET, ServerConfig
@@ -162,19 +162,17 @@ def _flag_error(exc: ConfigError) -> CLIError:
 def check_against_model(args: argparse.Namespace, options: dict) -> None:
     """The checks that need the model's config (a preset, or a checkpoint's config file: no weights), so
     that a flag the model cannot take fails now, naming it, not after minutes of loading."""
-    from scalellm_jax.config import check_fits_model
-    from scalellm_jax.loader import read_model_config
+    from scalellm_jax.loader import check_options_against_model, model_config_of
     from scalellm_jax.parallel import ParallelConfig
 
-    model = args.model or DEMO_PRESET
     try:
-        model_config = preset(model) if model in PRESETS else read_model_config(model)
+        model_config = model_config_of(args.model or DEMO_PRESET)
     except (OSError, ValueError):
         return  # an unreadable checkpoint: loading says why, in one line
+    parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
+                              expert_parallel_size=args.expert_parallel_size)
     try:
-        ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
-                       expert_parallel_size=args.expert_parallel_size).check(model_config)
-        check_fits_model(EngineConfig(seed=args.seed, **options), model_config)
+        check_options_against_model(model_config, EngineConfig(seed=args.seed, **options), parallel)
     except ConfigError as exc:
         raise _flag_error(exc) from None
 
