@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.provenance import git_state
+from scalellm_jax.config import ModelConfig
 from scalellm_jax.model.moe import (
     dense_moe_reference,
     grouped_experts,
@@ -50,10 +51,20 @@ from scalellm_jax.model.moe import (
     route,
     sharded_moe,
 )
-from scalellm_jax.parallel import EXPERT, EXPERT_IN_SPEC, EXPERT_OUT_SPEC, TENSOR, ParallelConfig, build_mesh
+from scalellm_jax.parallel import EXPERT, TENSOR, ParallelConfig, build_mesh, module_specs
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 512, 1792, 8, 2
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# Only the MoE block's sizes matter here; the rest just makes a valid config for the weight specs.
+MOE_CONFIG = ModelConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_layers=1,
+                         num_heads=8, num_kv_heads=8, head_dim=HIDDEN // 8, num_experts=EXPERTS,
+                         num_experts_per_tok=TOP_K)
+
+
+def moe_specs(mesh) -> tuple:
+    """in_specs of (x, router, w_gate, w_up, w_down), from the model's weight declarations."""
+    specs = module_specs("moe", MOE_CONFIG, mesh)
+    return (P(),) + tuple(specs[n] for n in ("router", "w_gate", "w_up", "w_down"))
 
 
 def exact_capacity(tokens_per_shard: int) -> int:
@@ -95,7 +106,7 @@ def a2a_local(x, router, w_gate, w_up, w_down, *, top_k: int, capacity: int):
 
 
 def a2a_moe(x, router, w_gate, w_up, w_down, top_k: int, mesh, capacity: int):
-    specs = (P(), P(), EXPERT_IN_SPEC, EXPERT_IN_SPEC, EXPERT_OUT_SPEC)
+    specs = moe_specs(mesh)
     body = functools.partial(a2a_local, top_k=top_k, capacity=capacity)
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(
         x, router, w_gate, w_up, w_down
@@ -141,12 +152,12 @@ def bench(ep: int, tp: int, batch: int, reps: int, seed: int = 0) -> dict:
     def put(array, spec):
         return jax.device_put(array, NamedSharding(mesh, spec))
 
-    args = (put(x, P()), put(router, P()), put(w_gate, EXPERT_IN_SPEC), put(w_up, EXPERT_IN_SPEC),
-            put(w_down, EXPERT_OUT_SPEC))
+    args = tuple(put(a, spec) for a, spec in zip((x, router, w_gate, w_up, w_down), moe_specs(mesh), strict=True))
     apply = expert_kernel()
     n = batch // ep
     variants = {
-        "replicate_mask": (jax.jit(functools.partial(sharded_moe, top_k=TOP_K, mesh=mesh, apply=apply)), None),
+        "replicate_mask": (jax.jit(functools.partial(sharded_moe, top_k=TOP_K, mesh=mesh, apply=apply,
+                                                     weight_specs=module_specs("moe", MOE_CONFIG, mesh))), None),
         "all_to_all_exact": (jax.jit(functools.partial(a2a_moe, top_k=TOP_K, mesh=mesh,
                                                        capacity=exact_capacity(n))), exact_capacity(n)),
         "all_to_all_cf1.25": (jax.jit(functools.partial(a2a_moe, top_k=TOP_K, mesh=mesh,

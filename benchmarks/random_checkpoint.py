@@ -35,7 +35,7 @@ def write_hf_checkpoint(model, folder: str | pathlib.Path) -> pathlib.Path:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from checkpoints_tools.hf_layout import iter_hf_tensors
+    from scalellm_jax.checkpoints.hf_layout import iter_hf_tensors
 
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """Checkpoint tools: Hugging Face Mixtral safetensors <-> our orbax format.
 
-``python -m checkpoints_tools.convert`` / ``python -m checkpoints_tools.export`` are the CLIs;
-model loading uses :func:`read_converted` (and :func:`is_converted` to tell the formats apart).
+``python -m checkpoints_tools.convert`` / ``python -m checkpoints_tools.export`` are the CLIs. The readers and
+writers they use live in ``scalellm_jax.checkpoints`` (the model loader needs them too), so this package depends on
+``scalellm_jax`` and never the other way round; the names below are re-exported from there.
 
 Names are resolved lazily (PEP 562): importing the package must not import ``convert``/``export``,
 otherwise ``python -m checkpoints_tools.convert`` warns that the module was already imported, and
@@ -14,23 +15,23 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CheckpointError": "safetensors_io",
-    "HFCheckpoint": "safetensors_io",
-    "DTYPES": "hf_layout",
-    "FUSED": "hf_layout",
-    "LEGACY": "hf_layout",
-    "detect_layout": "hf_layout",
-    "iter_hf_tensors": "hf_layout",
-    "iter_params_from_hf": "hf_layout",
-    "param_shapes": "hf_layout",
-    "validate_hf": "hf_layout",
-    "ParamReader": "orbax_io",
-    "is_converted": "orbax_io",
-    "read_config": "orbax_io",
-    "read_converted": "orbax_io",
-    "write_converted": "orbax_io",
-    "convert_checkpoint": "convert",
-    "export_checkpoint": "export",
+    "CheckpointError": "scalellm_jax.checkpoints.safetensors_io",
+    "HFCheckpoint": "scalellm_jax.checkpoints.safetensors_io",
+    "DTYPES": "scalellm_jax.checkpoints.hf_layout",
+    "FUSED": "scalellm_jax.checkpoints.hf_layout",
+    "LEGACY": "scalellm_jax.checkpoints.hf_layout",
+    "detect_layout": "scalellm_jax.checkpoints.hf_layout",
+    "iter_hf_tensors": "scalellm_jax.checkpoints.hf_layout",
+    "iter_params_from_hf": "scalellm_jax.checkpoints.hf_layout",
+    "param_shapes": "scalellm_jax.checkpoints.hf_layout",
+    "validate_hf": "scalellm_jax.checkpoints.hf_layout",
+    "ParamReader": "scalellm_jax.checkpoints.orbax_io",
+    "is_converted": "scalellm_jax.checkpoints.orbax_io",
+    "read_config": "scalellm_jax.checkpoints.orbax_io",
+    "read_converted": "scalellm_jax.checkpoints.orbax_io",
+    "write_converted": "scalellm_jax.checkpoints.orbax_io",
+    "convert_checkpoint": "checkpoints_tools.convert",
+    "export_checkpoint": "checkpoints_tools.export",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -38,7 +39,7 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

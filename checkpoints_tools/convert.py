@@ -16,9 +16,9 @@ import os
 import sys
 from pathlib import Path
 
-from checkpoints_tools.hf_layout import DTYPES, iter_params_from_hf, target_dtype, validate_hf
-from checkpoints_tools.orbax_io import write_converted
-from checkpoints_tools.safetensors_io import CheckpointError, HFCheckpoint
+from scalellm_jax.checkpoints.hf_layout import DTYPES, iter_params_from_hf, target_dtype, validate_hf
+from scalellm_jax.checkpoints.orbax_io import write_converted
+from scalellm_jax.checkpoints.safetensors_io import CheckpointError, HFCheckpoint
 from scalellm_jax.config import ConfigError
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoints_tools.hf_layout import ParamPath, Piece, hf_tensor_specs, iter_hf_tensors
-from checkpoints_tools.orbax_io import ParamReader, commit_temp, make_temp_sibling, progress_bar
-from checkpoints_tools.safetensors_io import INDEX_FILE, NP_TO_ST, CheckpointError
+from scalellm_jax.checkpoints.hf_layout import ParamPath, Piece, hf_tensor_specs, iter_hf_tensors
+from scalellm_jax.checkpoints.orbax_io import ParamReader, commit_temp, make_temp_sibling, progress_bar
+from scalellm_jax.checkpoints.safetensors_io import INDEX_FILE, NP_TO_ST, CheckpointError
 from scalellm_jax.config import ConfigError
 
 log = logging.getLogger(__name__)

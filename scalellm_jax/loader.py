@@ -108,7 +108,7 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
 
 def read_model_config(path: str | Path) -> ModelConfig:
     """The ``ModelConfig`` of a checkpoint folder (Hugging Face or converted), without reading weights."""
-    from checkpoints_tools.orbax_io import is_converted, read_config
+    from scalellm_jax.checkpoints.orbax_io import is_converted, read_config
 
     path = Path(path)
     if not path.is_dir():
@@ -138,9 +138,9 @@ def load(path: str | Path, dtype: str | Any = "bfloat16", parallel=None) -> Mode
     such as ``logits`` are then global arrays: gather them with
     ``jax.experimental.multihost_utils.process_allgather``).
     """
-    from checkpoints_tools.hf_layout import get_path, iter_params_from_hf
-    from checkpoints_tools.orbax_io import is_converted, read_converted
-    from checkpoints_tools.safetensors_io import HFCheckpoint
+    from scalellm_jax.checkpoints.hf_layout import get_path, iter_params_from_hf
+    from scalellm_jax.checkpoints.orbax_io import is_converted, read_converted
+    from scalellm_jax.checkpoints.safetensors_io import HFCheckpoint
     from scalellm_jax.parallel import build_mesh, param_shardings, put_global
 
     name = dtype_name(dtype)

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from scalellm_jax import weights
 from scalellm_jax.config import ConfigError, ModelConfig
 
 EXPERT, TENSOR = "expert", "tensor"
@@ -94,35 +95,36 @@ def kv_head_shards(config: ModelConfig, tp: int) -> int:
     return tp if config.num_kv_heads % tp == 0 else 1
 
 
-# Expert weights: experts over ``expert``, each expert's intermediate dimension over ``tensor``.
-EXPERT_IN_SPEC = P(EXPERT, None, TENSOR)  # w_gate, w_up [E, H, I]
-EXPERT_OUT_SPEC = P(EXPERT, TENSOR, None)  # w_down [E, I, H]
+# Which mesh axis a sharded logical axis (see scalellm_jax.weights) is split over. kv_heads go over tensor only
+# when they divide it (kv_head_shards); else every device keeps all of them.
+MESH_AXIS_OF = {"heads": TENSOR, "kv_heads": TENSOR, "ffn": TENSOR, "vocab": TENSOR, "experts": EXPERT}
+
+
+def weight_spec(weight: weights.Weight, config: ModelConfig, mesh: Mesh) -> P:
+    """The PartitionSpec of one declared weight: its ``sharded`` axes over their mesh axes."""
+    def mesh_axis(axis: str) -> str | None:
+        if axis not in weight.sharded:
+            return None
+        if axis == "kv_heads" and kv_head_shards(config, mesh.shape[TENSOR]) != mesh.shape[TENSOR]:
+            return None
+        return MESH_AXIS_OF[axis]
+
+    return P(*(mesh_axis(a) for a in weight.axes))
+
+
+def module_specs(module: str, config: ModelConfig, mesh: Mesh) -> dict[str, P]:
+    """PartitionSpecs of the weights one Flax module owns, by parameter name (for its shard_map)."""
+    return {w.name: weight_spec(w, config, mesh) for w in weights.weights_of(module, config)}
 
 
 def param_specs(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
-    """PartitionSpecs for every parameter of :class:`scalellm_jax.model.Mixtral`."""
-    tp = mesh.shape[TENSOR]
-    kv_axis = TENSOR if kv_head_shards(config, tp) == tp else None
-    layer = {
-        "attn_norm": {"scale": P()},
-        "mlp_norm": {"scale": P()},
-        "attn": {
-            "wq": P(None, TENSOR, None),
-            "wk": P(None, kv_axis, None),
-            "wv": P(None, kv_axis, None),
-            "wo": P(TENSOR, None, None),
-        },
-        "moe": {
-            "router": P(),
-            "w_gate": EXPERT_IN_SPEC,
-            "w_up": EXPERT_IN_SPEC,
-            "w_down": EXPERT_OUT_SPEC,
-        },
-    }
-    specs: dict[str, Any] = {"embed": {"embedding": P()}, "final_norm": {"scale": P()}}
-    specs.update({f"layers_{i}": layer for i in range(config.num_layers)})
-    if not config.tie_word_embeddings:
-        specs["lm_head"] = {"kernel": P(None, TENSOR)}
+    """PartitionSpecs for every parameter of :class:`scalellm_jax.model.Mixtral`, as a nested tree."""
+    specs: dict[str, Any] = {}
+    for path, weight, _ in weights.iter_weights(config):
+        node = specs
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = weight_spec(weight, config, mesh)
     return specs
 
 

@@ -58,3 +58,12 @@ def test_no_module_imports_itself_through_others():
 def test_a_cycle_is_found():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_packages_depend_one_way():
+    """Top-level packages form no cycle either (checkpoints_tools uses scalellm_jax, never the reverse)."""
+    packages: dict[str, set[str]] = {p: set() for p in PACKAGES}
+    for module, deps in module_graph().items():
+        packages[module.split(".")[0]].update(d.split(".")[0] for d in deps if d.split(".")[0] != module.split(".")[0])
+    assert "checkpoints_tools" not in packages["scalellm_jax"]
+    assert find_cycle(packages) is None, " -> ".join(find_cycle(packages))

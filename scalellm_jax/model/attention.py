@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from scalellm_jax.config import ModelConfig
-from scalellm_jax.model.layers import apply_rotary, rotary_cos_sin
+from scalellm_jax.model.layers import apply_rotary, declared_params, rotary_cos_sin
 
 _MASKED = -1e30  # finite, so a fully masked row can never produce NaN through exp(-inf - -inf)
 
@@ -98,11 +98,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, meta: Any):
         c = self.config
-        init = nn.initializers.normal(0.02)
-        wq = self.param("wq", init, (c.hidden_size, c.num_heads, c.head_dim), self.dtype)
-        wk = self.param("wk", init, (c.hidden_size, c.num_kv_heads, c.head_dim), self.dtype)
-        wv = self.param("wv", init, (c.hidden_size, c.num_kv_heads, c.head_dim), self.dtype)
-        wo = self.param("wo", init, (c.num_heads, c.head_dim, c.hidden_size), self.dtype)
+        p = declared_params(self, c, self.dtype)
+        wq, wk, wv, wo = p["wq"], p["wk"], p["wv"], p["wo"]
         q = jnp.einsum("bth,hnd->btnd", x, wq)
         k = jnp.einsum("bth,hnd->btnd", x, wk)
         v = jnp.einsum("bth,hnd->btnd", x, wv)

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the Mixtral layers: RMSNorm and rotary embeddings.
+"""Small building blocks shared by the Mixtral layers: declared parameters, RMSNorm and rotary embeddings.
 
 Both follow Hugging Face's numerics on purpose (normalise in float32, cast back before the
 weight multiply; rotary frequencies in float32 and cos/sin cast to the activation dtype), so
@@ -11,17 +11,30 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from scalellm_jax import weights
+from scalellm_jax.config import ModelConfig
+
+_INITIALIZERS = {"normal": nn.initializers.normal(0.02), "ones": nn.initializers.ones, "zeros": nn.initializers.zeros}
+
+
+def declared_params(module: nn.Module, config: ModelConfig, dtype) -> dict[str, jax.Array]:
+    """Create (or fetch) every parameter ``scalellm_jax.weights`` declares for ``module`` (by its scope name)."""
+    return {
+        w.name: module.param(w.name, _INITIALIZERS[w.init], w.shape(config), dtype)
+        for w in weights.weights_of(module.name, config)
+    }
+
 
 class RMSNorm(nn.Module):
-    dim: int
-    eps: float
+    config: ModelConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (self.dim,), self.dtype)
+        scale = declared_params(self, self.config, self.dtype)["scale"]
+        eps = self.config.rms_norm_eps
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
         return scale * normed.astype(x.dtype)
 
 

@@ -17,8 +17,19 @@ from jax.sharding import Mesh
 
 from scalellm_jax.config import ModelConfig
 from scalellm_jax.model.attention import Attention, AttentionBackend
-from scalellm_jax.model.layers import RMSNorm
+from scalellm_jax.model.layers import RMSNorm, declared_params
 from scalellm_jax.model.moe import SparseMoE
+
+
+class DeclaredParams(nn.Module):
+    """A scope that only holds the declared weights of its name (the embedding table, the LM head)."""
+
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> dict[str, jax.Array]:
+        return declared_params(self, self.config, self.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -31,10 +42,10 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, positions, layer_cache, meta):
         c = self.config
-        h = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype, name="attn_norm")(x)
+        h = RMSNorm(c, self.dtype, name="attn_norm")(x)
         h, layer_cache = Attention(c, self.backend, self.dtype, name="attn")(h, positions, layer_cache, meta)
         x = x + h
-        h = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
+        h = RMSNorm(c, self.dtype, name="mlp_norm")(x)
         x = x + SparseMoE(c, self.dtype, self.moe_impl, self.mesh, name="moe")(h)
         return x, layer_cache
 
@@ -48,19 +59,13 @@ class Mixtral(nn.Module):
 
     def setup(self):
         c = self.config
-        self.embed = nn.Embed(
-            c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
-            embedding_init=nn.initializers.normal(0.02),
-        )
+        self.embed = DeclaredParams(c, self.dtype)
         self.layers = [
             DecoderLayer(c, self.backend, self.dtype, self.moe_impl, self.mesh) for _ in range(c.num_layers)
         ]
-        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
+        self.final_norm = RMSNorm(c, self.dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = nn.Dense(
-                c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
-                kernel_init=nn.initializers.normal(0.02),
-            )
+            self.lm_head = DeclaredParams(c, self.dtype)
 
     def __call__(
         self,
@@ -78,7 +83,7 @@ class Mixtral(nn.Module):
         normalized hidden states of every position, which ``project`` turns into logits when some
         are wanted after all (prompt logprobs).
         """
-        x = self.embed(tokens)
+        x = jnp.take(self.embed()["embedding"], tokens, axis=0)
         new_caches = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, positions, None if caches is None else caches[i], meta)
@@ -98,5 +103,9 @@ class Mixtral(nn.Module):
         # benchmarks/results/bf16_single_row-*.json), so a single row goes through as two.
         single = hidden.ndim >= 2 and hidden.size == hidden.shape[-1] and hidden.dtype == jnp.bfloat16
         rows = jnp.concatenate([hidden, hidden]) if single else hidden
-        logits = self.embed.attend(rows) if self.config.tie_word_embeddings else self.lm_head(rows)
+        if self.config.tie_word_embeddings:
+            logits = jnp.dot(rows, self.embed()["embedding"].T)
+        else:
+            kernel = self.lm_head()["kernel"]
+            logits = jax.lax.dot_general(rows, kernel, (((rows.ndim - 1,), (0,)), ((), ())))
         return logits[:1] if single else logits

@@ -19,7 +19,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from scalellm_jax.config import ModelConfig
-from scalellm_jax.parallel import EXPERT, EXPERT_IN_SPEC, EXPERT_OUT_SPEC, TENSOR
+from scalellm_jax.model.layers import declared_params
+from scalellm_jax.parallel import EXPERT, TENSOR, module_specs
 
 
 def route(x: jax.Array, router: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
@@ -141,7 +142,7 @@ def grouped_experts_chunked(
     return _combine(out, order, weights).astype(out_dtype or x.dtype)
 
 
-def sharded_moe(x, router, w_gate, w_up, w_down, top_k: int, mesh, apply):
+def sharded_moe(x, router, w_gate, w_up, w_down, top_k: int, mesh, apply, weight_specs: dict[str, P]):
     """The MoE block under ``jax.shard_map``: experts over the ``expert`` axis, each expert's
     intermediate dimension over ``tensor``.
 
@@ -162,7 +163,7 @@ def sharded_moe(x, router, w_gate, w_up, w_down, top_k: int, mesh, apply):
         )
         return jax.lax.psum(partial, (EXPERT, TENSOR)).astype(x.dtype)
 
-    specs = (P(), P(), EXPERT_IN_SPEC, EXPERT_IN_SPEC, EXPERT_OUT_SPEC)
+    specs = (P(),) + tuple(weight_specs[n] for n in ("router", "w_gate", "w_up", "w_down"))
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(
         x, router, w_gate, w_up, w_down
     )
@@ -201,15 +202,13 @@ class SparseMoE(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        init = nn.initializers.normal(0.02)
-        router = self.param("router", init, (c.hidden_size, c.num_experts), self.dtype)
-        w_gate = self.param("w_gate", init, (c.num_experts, c.hidden_size, c.intermediate_size), self.dtype)
-        w_up = self.param("w_up", init, (c.num_experts, c.hidden_size, c.intermediate_size), self.dtype)
-        w_down = self.param("w_down", init, (c.num_experts, c.intermediate_size, c.hidden_size), self.dtype)
+        p = declared_params(self, c, self.dtype)
+        router, w_gate, w_up, w_down = p["router"], p["w_gate"], p["w_up"], p["w_down"]
         flat = x.reshape(-1, x.shape[-1])
         apply = grouped_experts_chunked if resolve_moe_impl(self.impl) == "chunked" else grouped_experts
         if self.mesh is not None and self.mesh.size > 1:
-            out = sharded_moe(flat, router, w_gate, w_up, w_down, c.num_experts_per_tok, self.mesh, apply)
+            out = sharded_moe(flat, router, w_gate, w_up, w_down, c.num_experts_per_tok, self.mesh, apply,
+                              module_specs(self.name, c, self.mesh))
         else:
             weights, experts = route(flat, router, c.num_experts_per_tok)
             out = apply(flat, weights, experts, w_gate, w_up, w_down)

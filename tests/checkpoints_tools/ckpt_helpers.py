@@ -66,7 +66,7 @@ def rewrite_hf(src: Path, dst: Path, edit=None, config_edit=None) -> Path:
 
 def raw_tensors(folder: Path) -> dict[str, np.ndarray]:
     """Every tensor of an HF folder as numpy (bit-exact, any dtype)."""
-    from checkpoints_tools.safetensors_io import HFCheckpoint
+    from scalellm_jax.checkpoints.safetensors_io import HFCheckpoint
 
     ckpt = HFCheckpoint(folder)
     return {name: ckpt.read(name) for name in ckpt.names()}

@@ -15,8 +15,8 @@ from ckpt_helpers import copy_tree, rewrite_hf
 
 from checkpoints_tools import convert as convert_cli
 from checkpoints_tools import export as export_cli
-from checkpoints_tools.hf_layout import iter_params_from_hf
-from checkpoints_tools.safetensors_io import HFCheckpoint
+from scalellm_jax.checkpoints.hf_layout import iter_params_from_hf
+from scalellm_jax.checkpoints.safetensors_io import HFCheckpoint
 
 REPO = Path(__file__).resolve().parents[2]
 Q1 = "model.layers.1.self_attn.q_proj.weight"

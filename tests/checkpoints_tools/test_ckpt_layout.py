@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from ckpt_helpers import bits_equal, expected_params, raw_tensors
 
-from checkpoints_tools.hf_layout import (
+from scalellm_jax.checkpoints.hf_layout import (
     FUSED,
     LEGACY,
     detect_layout,
@@ -17,7 +17,7 @@ from checkpoints_tools.hf_layout import (
     iter_params_from_hf,
     param_shapes,
 )
-from checkpoints_tools.safetensors_io import CheckpointError, HFCheckpoint
+from scalellm_jax.checkpoints.safetensors_io import CheckpointError, HFCheckpoint
 from scalellm_jax.config import ModelConfig
 
 

@@ -56,8 +56,8 @@ def test_convert_peak_memory_is_bounded(tmp_path):
     assert grown < model_bytes / 3
 
     # and the result is right (spot check one stacked param against its HF source)
-    from checkpoints_tools.orbax_io import ParamReader
-    from checkpoints_tools.safetensors_io import HFCheckpoint
+    from scalellm_jax.checkpoints.orbax_io import ParamReader
+    from scalellm_jax.checkpoints.safetensors_io import HFCheckpoint
 
     ckpt, reader = HFCheckpoint(hf), ParamReader(out)
     w_down = reader(("layers_7", "moe", "w_down"))

@@ -12,9 +12,9 @@ from ckpt_helpers import bits_equal, expected_params, raw_tensors
 
 from checkpoints_tools import convert as convert_cli
 from checkpoints_tools import export as export_cli
-from checkpoints_tools.hf_layout import FUSED, LEGACY, param_shapes
-from checkpoints_tools.orbax_io import ParamReader, is_converted, read_converted, write_converted
-from checkpoints_tools.safetensors_io import HFCheckpoint
+from scalellm_jax.checkpoints.hf_layout import FUSED, LEGACY, param_shapes
+from scalellm_jax.checkpoints.orbax_io import ParamReader, is_converted, read_converted, write_converted
+from scalellm_jax.checkpoints.safetensors_io import HFCheckpoint
 from tests.torch_reference import require_torch
 
 
@@ -120,7 +120,7 @@ def test_convert_with_dtype_and_read_with_cast_and_sharding(hf_checkpoint, tmp_p
 
 
 def test_interrupted_write_leaves_nothing(hf_checkpoint, tmp_path):
-    from checkpoints_tools.hf_layout import iter_params_from_hf
+    from scalellm_jax.checkpoints.hf_layout import iter_params_from_hf
 
     folder, _ = hf_checkpoint()
     ckpt = HFCheckpoint(folder)

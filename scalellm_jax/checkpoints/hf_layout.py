@@ -1,16 +1,14 @@
-"""The name map between Hugging Face Mixtral tensors and our Flax parameter tree.
+"""Hugging Face Mixtral tensors <-> our Flax parameter tree, derived from ``scalellm_jax.weights``.
 
-This file is the single place that knows both spellings. Our tree (see ``param_shapes``) is the
-contract with ``scalellm_jax/model``; the HF side comes in two layouts:
+Each declared weight names its HF tensor and how the HF dimensions group our logical axes; this module turns
+that into pieces (one HF tensor, or one expert's slice of one) and converts each with a reshape and a transpose.
+Two HF layouts:
 
 * ``legacy``: per-expert tensors ``block_sparse_moe.experts.{e}.w1/w2/w3.weight`` (what
   ``save_pretrained`` writes, and what the Hub's Mixtral checkpoints contain). Export writes this.
 * ``fused``: transformers 5's in-memory layout, ``mlp.experts.gate_up_proj`` [E, 2I, H] (gate rows
   first, then up) and ``mlp.experts.down_proj`` [E, H, I]. Halves are read with ``get_slice`` so the
   fused tensor is never loaded whole.
-
-Linear weights: ``ours = hf.T.reshape(our_shape)``; inverse ``hf = ours.reshape(hf_shape[::-1]).T``.
-Norms and the embedding are copied as they are.
 
 Import validates everything that the headers can tell (missing / unexpected tensors, shapes,
 dtypes) *before* the first tensor is read, so a bad checkpoint fails before anything is written.
@@ -27,12 +25,13 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from checkpoints_tools.safetensors_io import CheckpointError, HFCheckpoint, is_floating
+from scalellm_jax import weights
+from scalellm_jax.checkpoints.safetensors_io import CheckpointError, HFCheckpoint, is_floating
 from scalellm_jax.config import ModelConfig
+from scalellm_jax.weights import ParamPath, param_shapes
 
 log = logging.getLogger(__name__)
 
-ParamPath = tuple[str, ...]
 LEGACY, FUSED = "legacy", "fused"
 
 DTYPES: dict[str, np.dtype] = {
@@ -52,97 +51,47 @@ def resolve_dtype(dtype: str | np.dtype | None) -> np.dtype | None:
     return DTYPES[name]
 
 
-def param_shapes(cfg: ModelConfig) -> dict[ParamPath, tuple[int, ...]]:
-    """Every parameter of our tree, flat, in canonical order (embed, layers, final norm, lm_head)."""
-    H, nH, nKV, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    E, F, V = cfg.num_experts, cfg.intermediate_size, cfg.vocab_size  # F: expert FFN width
-    shapes: dict[ParamPath, tuple[int, ...]] = {("embed", "embedding"): (V, H)}
-    for i in range(cfg.num_layers):
-        layer = f"layers_{i}"
-        shapes.update({
-            (layer, "attn_norm", "scale"): (H,),
-            (layer, "attn", "wq"): (H, nH, D),
-            (layer, "attn", "wk"): (H, nKV, D),
-            (layer, "attn", "wv"): (H, nKV, D),
-            (layer, "attn", "wo"): (nH, D, H),
-            (layer, "mlp_norm", "scale"): (H,),
-            (layer, "moe", "router"): (H, E),
-            (layer, "moe", "w_gate"): (E, H, F),
-            (layer, "moe", "w_up"): (E, H, F),
-            (layer, "moe", "w_down"): (E, F, H),
-        })
-    shapes[("final_norm", "scale")] = (H,)
-    if not cfg.tie_word_embeddings:
-        shapes[("lm_head", "kernel")] = (H, V)
-    return shapes
-
-
 @dataclasses.dataclass(frozen=True)
 class Piece:
     """One HF tensor (or one slice of one) that supplies all or one expert of one of our params."""
 
     name: str                     # HF tensor name
     hf_shape: tuple[int, ...]     # shape of the piece as read (after ``index``)
-    linear: bool                  # transpose rule applies (False: identity copy)
+    perm: tuple[int, ...]         # our piece's axes, in the order the HF tensor's dimensions hold them
+    our_shape: tuple[int, ...]    # shape of our piece (one expert's slice for a per-expert param)
     expert: int | None = None     # row of our stacked [E, ...] param, or None for the whole param
     index: tuple | None = None    # slicing tuple into the HF tensor (fused layout)
+    full_shape: tuple[int, ...] | None = None  # the whole HF tensor's shape, when the piece is a slice of it
+
+
+def _pieces_of(weight: weights.Weight, cfg: ModelConfig, layer: int | None, fused: bool) -> list[Piece]:
+    hf = weight.hf_tensor(fused)
+    axes = weight.piece_axes
+    perm = tuple(axes.index(a) for group in hf.axes for a in group)
+    shape, our_shape = weights.hf_shape(hf, cfg), weights.axes_shape(axes, cfg)
+    name = hf.name.replace("{layer}", str(layer))
+    if not weight.per_expert:
+        return [Piece(name, shape, perm, our_shape)]
+    if hf.fused is None:
+        return [Piece(name.replace("{expert}", str(e)), shape, perm, our_shape, expert=e)
+                for e in range(cfg.num_experts)]
+    part, parts = hf.fused
+    rows = shape[0]
+    full = (cfg.num_experts, parts * rows) + shape[1:]
+    return [Piece(name, shape, perm, our_shape, expert=e, index=(e, slice(part * rows, (part + 1) * rows)),
+                  full_shape=full) for e in range(cfg.num_experts)]
 
 
 def pieces(cfg: ModelConfig, layout: str = LEGACY) -> dict[ParamPath, list[Piece]]:
     """For each of our params (same order as ``param_shapes``), the HF pieces that make it up."""
-    H, nH, nKV, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    E, F, V = cfg.num_experts, cfg.intermediate_size, cfg.vocab_size  # F: expert FFN width
-    out: dict[ParamPath, list[Piece]] = {
-        ("embed", "embedding"): [Piece("model.embed_tokens.weight", (V, H), False)]
-    }
-    for i in range(cfg.num_layers):
-        layer, p = f"layers_{i}", f"model.layers.{i}."
-        out[(layer, "attn_norm", "scale")] = [Piece(p + "input_layernorm.weight", (H,), False)]
-        out[(layer, "attn", "wq")] = [Piece(p + "self_attn.q_proj.weight", (nH * D, H), True)]
-        out[(layer, "attn", "wk")] = [Piece(p + "self_attn.k_proj.weight", (nKV * D, H), True)]
-        out[(layer, "attn", "wv")] = [Piece(p + "self_attn.v_proj.weight", (nKV * D, H), True)]
-        out[(layer, "attn", "wo")] = [Piece(p + "self_attn.o_proj.weight", (H, nH * D), True)]
-        out[(layer, "mlp_norm", "scale")] = [Piece(p + "post_attention_layernorm.weight", (H,), False)]
-        if layout == LEGACY:
-            x = p + "block_sparse_moe."
-            out[(layer, "moe", "router")] = [Piece(x + "gate.weight", (E, H), True)]
-            for ours, hf, shape in (("w_gate", "w1", (F, H)), ("w_up", "w3", (F, H)), ("w_down", "w2", (H, F))):
-                out[(layer, "moe", ours)] = [
-                    Piece(f"{x}experts.{e}.{hf}.weight", shape, True, expert=e) for e in range(E)
-                ]
-        elif layout == FUSED:
-            gate_up, down = p + "mlp.experts.gate_up_proj", p + "mlp.experts.down_proj"
-            out[(layer, "moe", "router")] = [Piece(p + "mlp.gate.weight", (E, H), True)]
-            out[(layer, "moe", "w_gate")] = [
-                Piece(gate_up, (F, H), True, expert=e, index=(e, slice(0, F))) for e in range(E)
-            ]
-            out[(layer, "moe", "w_up")] = [
-                Piece(gate_up, (F, H), True, expert=e, index=(e, slice(F, 2 * F))) for e in range(E)
-            ]
-            out[(layer, "moe", "w_down")] = [
-                Piece(down, (H, F), True, expert=e, index=(e,)) for e in range(E)
-            ]
-        else:
-            raise ValueError(f"unknown layout {layout!r}")
-    out[("final_norm", "scale")] = [Piece("model.norm.weight", (H,), False)]
-    if not cfg.tie_word_embeddings:
-        out[("lm_head", "kernel")] = [Piece("lm_head.weight", (V, H), True)]
-    return out
+    if layout not in (LEGACY, FUSED):
+        raise ValueError(f"unknown layout {layout!r}")
+    return {path: _pieces_of(w, cfg, layer, layout == FUSED) for path, w, layer in weights.iter_weights(cfg)}
 
 
 def expected_hf_shapes(cfg: ModelConfig, layout: str = LEGACY) -> dict[str, tuple[int, ...]]:
     """Full on-disk shape of every HF tensor the layout requires."""
-    E, F, H = cfg.num_experts, cfg.intermediate_size, cfg.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {}
-    for plist in pieces(cfg, layout).values():
-        for piece in plist:
-            if piece.index is None:
-                shapes[piece.name] = piece.hf_shape
-            elif piece.name.endswith("gate_up_proj"):
-                shapes[piece.name] = (E, 2 * F, H)
-            else:
-                shapes[piece.name] = (E, H, F)
-    return shapes
+    return {piece.name: piece.full_shape or piece.hf_shape for plist in pieces(cfg, layout).values() for piece in plist}
 
 
 def detect_layout(names: Any, source: object = "checkpoint") -> str:
@@ -210,16 +159,14 @@ def target_dtype(ckpt: HFCheckpoint, source: np.dtype, dtype: str | np.dtype | N
     return target
 
 
-def to_ours(hf: np.ndarray, piece: Piece, shape: tuple[int, ...]) -> np.ndarray:
-    """A (possibly non-contiguous) view or copy of ``hf`` in our layout; ``shape`` is our piece shape."""
-    return hf.T.reshape(shape) if piece.linear else hf.reshape(shape)
+def to_ours(hf: np.ndarray, piece: Piece) -> np.ndarray:
+    """A (possibly non-contiguous) view or copy of ``hf`` in our layout (``piece.our_shape``)."""
+    return hf.reshape([piece.our_shape[i] for i in piece.perm]).transpose(np.argsort(piece.perm))
 
 
 def to_hf(ours: np.ndarray, piece: Piece) -> np.ndarray:
     """Inverse of :func:`to_ours`, contiguous (ready to be written)."""
-    if piece.linear:
-        return np.ascontiguousarray(ours.reshape(piece.hf_shape[::-1]).T)
-    return np.ascontiguousarray(ours.reshape(piece.hf_shape))
+    return np.ascontiguousarray(ours.transpose(piece.perm).reshape(piece.hf_shape))
 
 
 def iter_params_from_hf(
@@ -241,11 +188,11 @@ def iter_params_from_hf(
             shape = shapes[path]
             if len(plist) == 1 and plist[0].expert is None:
                 piece = plist[0]
-                arr = np.ascontiguousarray(to_ours(ckpt.read(piece.name, piece.index), piece, shape), dtype=target)
+                arr = np.ascontiguousarray(to_ours(ckpt.read(piece.name, piece.index), piece), dtype=target)
             else:
                 arr = np.empty(shape, target)
                 for piece in plist:
-                    arr[piece.expert] = to_ours(ckpt.read(piece.name, piece.index), piece, shape[1:])
+                    arr[piece.expert] = to_ours(ckpt.read(piece.name, piece.index), piece)
             yield path, arr
 
     return stream()

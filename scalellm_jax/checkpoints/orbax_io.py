@@ -31,8 +31,8 @@ import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 from tqdm import tqdm
 
-from checkpoints_tools.hf_layout import ParamPath, get_path, param_shapes, resolve_dtype
-from checkpoints_tools.safetensors_io import CheckpointError
+from scalellm_jax.checkpoints.hf_layout import ParamPath, get_path, param_shapes, resolve_dtype
+from scalellm_jax.checkpoints.safetensors_io import CheckpointError
 from scalellm_jax.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
