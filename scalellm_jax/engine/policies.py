@@ -229,18 +229,24 @@ class OracleLengths:
         pass
 
 
-POLICY_NAMES = ("fcfs", "priority", "alise")
+def _alise(lengths: LengthEstimates | None, costs: StepCostModel | None, alise: AliseConfig | None) -> Policy:
+    if lengths is None:
+        raise ValueError("the alise policy needs output-length estimates (lengths=...)")
+    return AlisePolicy(lengths, costs or StepCostModel(), alise)
+
+
+# name -> constructor(lengths, costs, alise). Its names are config.SCHEDULING_POLICIES (which the options are
+# validated against before anything loads; a test keeps the two equal).
+POLICIES = {
+    "fcfs": lambda lengths, costs, alise: FCFSPolicy(),
+    "priority": lambda lengths, costs, alise: PriorityPolicy(),
+    "alise": _alise,
+}
 
 
 def make_policy(name: str, *, lengths: LengthEstimates | None = None, costs: StepCostModel | None = None,
                 alise: AliseConfig | None = None) -> Policy:
     """The named policy; ``alise`` needs ``lengths`` (a predictor) and takes ``costs``/``alise``."""
-    if name == "fcfs":
-        return FCFSPolicy()
-    if name == "priority":
-        return PriorityPolicy()
-    if name == "alise":
-        if lengths is None:
-            raise ValueError("the alise policy needs output-length estimates (lengths=...)")
-        return AlisePolicy(lengths, costs or StepCostModel(), alise)
-    raise ValueError(f"policy must be one of {list(POLICY_NAMES)}, got {name!r}")
+    if name not in POLICIES:
+        raise ValueError(f"policy must be one of {list(POLICIES)}, got {name!r}")
+    return POLICIES[name](lengths, costs, alise)

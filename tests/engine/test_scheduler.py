@@ -3,8 +3,9 @@ import random
 import numpy as np
 import pytest
 
+from scalellm_jax.config import SCHEDULING_POLICIES
 from scalellm_jax.engine.kv_manager import KVManager
-from scalellm_jax.engine.policies import AliseConfig, FCFSPolicy, PriorityPolicy, make_policy
+from scalellm_jax.engine.policies import POLICIES, AliseConfig, FCFSPolicy, Policy, PriorityPolicy, make_policy
 from scalellm_jax.engine.request import KVLocation, Request, RequestStatus, SamplingParams, clamp_max_tokens
 from scalellm_jax.engine.scheduler import Scheduler, SchedulerConfig
 
@@ -453,6 +454,12 @@ def test_policies():
         make_policy("alise")
     with pytest.raises(ValueError):
         fcfs.pick_victim([], 0.0)
+
+
+def test_every_policy_the_options_accept_can_be_built():
+    assert tuple(POLICIES) == SCHEDULING_POLICIES
+    for name in SCHEDULING_POLICIES:
+        assert isinstance(make_policy(name, lengths=HalfMaxTokens()), Policy)
 
 
 # ------------------------------------------------------------------------------------------- ALISE
