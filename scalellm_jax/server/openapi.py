@@ -13,6 +13,15 @@ _RESPONSES = (protocol.CompletionResponse, protocol.ChatCompletionResponse, prot
               protocol.ErrorResponse)
 
 
+_TOKENIZER_INFO = {
+    "type": "object", "required": ["tokenizer_class", "vocab_size", "model_max_length"],
+    "properties": {"tokenizer_class": {"type": "string"}, "vocab_size": {"type": "integer"},
+                   "model_max_length": {"type": "integer"},
+                   **{name: {"type": ["string", "null"]}
+                      for name in ("bos_token", "eos_token", "pad_token", "chat_template")}},
+}
+
+
 def _ref(model) -> dict:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
@@ -87,6 +96,9 @@ def openapi_document(model_name: str, secured: bool) -> dict:
                                protocol.TokenizeRequest, protocol.TokenizeResponse),
             "/detokenize": _post("The text of token ids (vLLM)", protocol.DetokenizeRequest,
                                  protocol.DetokenizeResponse),
+            "/tokenizer_info": {"get": {"summary": "The tokenizer's class, vocabulary size and context (vLLM)",
+                                        "responses": {"200": _content("Tokenizer", schema=_TOKENIZER_INFO),
+                                                      **_errors(401, 503)}}},
             "/version": {"get": {"summary": "The server's version", "security": [], "responses": {
                 "200": _content("Version", schema={"type": "object", "required": ["version"],
                                                    "properties": {"version": {"type": "string"}}})}}},
