@@ -29,7 +29,6 @@ import time
 
 from benchmarks.provenance import git_state
 from benchmarks.serving import (
-    DEFAULT_DATA,
     RESULTS,
     SIMULATED_ENGINE,
     HTTPTarget,
@@ -39,6 +38,7 @@ from benchmarks.serving import (
     stop_server,
     wait_ready,
 )
+from benchmarks.workload_files import ALPACA_EVAL
 
 CHUNK = (b'data: {"id":"cmpl-00000000000000000000000000000000","object":"text_completion","created":1,'
          b'"model":"floor","choices":[{"index":0,"text":" word","logprobs":null,"finish_reason":null}]}\n\n')
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dataset", type=pathlib.Path, default=DEFAULT_DATA)
+    parser.add_argument("--dataset", type=pathlib.Path, default=ALPACA_EVAL)
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args(raw)
     if args.serve:

@@ -57,15 +57,14 @@ from benchmarks.sim_calibration import StepTimes
 from benchmarks.sim_replay import KVBudget, RunResult, summarize
 from benchmarks.sim_workload import (
     FixedLengths,
-    Row,
     build_requests,
     build_sim_requests,
     length_tables,
-    load_rows,
     make_stream,
     predicted_table,
     split_rows,
 )
+from scalellm_jax.workloads import WorkloadRow, load_rows
 
 DEFAULTS = {"num_requests": 64, "max_num_seqs": 8, "max_num_batched_tokens": 256, "max_model_len": 512,
             "max_prompt_len": 128, "max_tokens": 256}
@@ -74,11 +73,11 @@ CPU_ONLY = ("max_prompt_len", "max_tokens", "length_scale", "clock", "calibratio
 DEVICE_ONLY = ("model", "kv_gib", "kv_cache_dtype", "prediction_tau", "swap_space_gb")
 
 
-def scaled_workload(args, tokenizer) -> tuple[list[Row], np.ndarray, float]:
+def scaled_workload(args, tokenizer) -> tuple[list[WorkloadRow], np.ndarray, float]:
     """Replay rows with scaled output lengths, their scaled predictions, and the predictor's fit time."""
     from benchmarks.sim_workload import train_predictor
 
-    rows = load_rows(args.dataset, tokenizer, max_prompt_len=args.max_prompt_len)
+    rows = load_rows(args.dataset, tokenizer, max_prompt_len=args.max_prompt_len, too_long="truncate")
     train, replay = split_rows(rows, args.train_fraction, args.seed)
     start = time.perf_counter()
     predictions = train_predictor(train, fast=args.fast_predictor).predict_many([r.text for r in replay])

@@ -66,18 +66,17 @@ from benchmarks.sim_workload import (
     build_sim_requests,
     kendall_tau,
     load_prompt_rows,
-    load_rows,
     make_stream,
     noisy_predictions,
     predicted_table,
     split_rows,
     train_predictor,
 )
+from benchmarks.workload_files import ALPACA_EVAL, SHAREGPT
+from scalellm_jax.workloads import load_rows
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
-DATASETS = {"alpaca": DATA / "alpaca_eval_mixtral_8x7b_instruct.jsonl",
-            "sharegpt": DATA / "sharegpt_first_prompts.json"}
+DATASETS = {"alpaca": ALPACA_EVAL, "sharegpt": SHAREGPT}
 DEFAULT_DATA = DATASETS["alpaca"]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_CALIBRATION = RESULTS / "scheduler_sim-calibration.json"
@@ -186,7 +185,7 @@ def prepare(args, say) -> Setup:
         tau = DEFAULT_PREDICTION_TAU if args.prediction_tau is None else args.prediction_tau
         rows = replay
     else:
-        rows = load_rows(path, tokenizer, max_prompt_len=g.max_model_len - 1)
+        rows = load_rows(path, tokenizer, max_prompt_len=g.max_model_len - 1, too_long="truncate")
         train, replay = split_rows(rows, args.train_fraction, args.seed)
         workload |= {"answer_lengths": "real (Mixtral tokens of each row's output)",
                      "num_train_rows": len(train)}

@@ -45,10 +45,9 @@ import time
 
 from benchmarks.provenance import git_state
 from benchmarks.random_checkpoint import BENCH_MODELS, write_bench_model
+from benchmarks.workload_files import ALPACA_EVAL
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DATA_FILE = "alpaca_eval_mixtral_8x7b_instruct.jsonl"
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / DATA_FILE
 RESULTS = ROOT / "benchmarks" / "results"
 OVERHEAD_ENGINE = dict(max_num_seqs=64, max_num_batched_tokens=512, max_model_len=1024)
 SIMULATED_ENGINE = dict(max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=4096)  # a GPU deployment's
@@ -83,23 +82,14 @@ class Result:
 
 
 def load_workload(path: pathlib.Path, num_prompts: int, max_tokens: int | None, max_prompt_len: int) -> list[Work]:
+    """``num_prompts`` requests from the first rows whose prompts fit ``max_prompt_len`` (longer ones are
+    skipped: the prompt goes out as text, so it cannot be cut at a token), the rows again if there are fewer."""
     from scalellm_jax.tokenizer import MistralTokenizer
+    from scalellm_jax.workloads import load_rows
 
-    tokenizer = MistralTokenizer()
-    work = []
-    with open(path) as f:
-        for line in f:
-            if len(work) == num_prompts:
-                break
-            if line.strip():
-                row = json.loads(line)
-                ids = tokenizer.encode(row["instruction"])
-                if len(ids) > max_prompt_len:  # keep prompt and answer inside the context
-                    continue
-                n = max(1, len(tokenizer.encode(row["output"], add_bos=False)))
-                work.append(Work(row["instruction"], ids, min(n, max_tokens) if max_tokens else n))
-    if not work:
-        raise ValueError(f"{path}: no usable prompts (all longer than {max_prompt_len} tokens?)")
+    rows = load_rows(path, MistralTokenizer(), max_prompt_len=max_prompt_len, too_long="skip", first=num_prompts)
+    work = [Work(r.text, list(r.prompt_ids), min(r.output_len, max_tokens) if max_tokens else r.output_len)
+            for r in rows]
     return [work[i % len(work)] for i in range(num_prompts)]  # more prompts than rows: the rows again
 
 
@@ -494,7 +484,7 @@ def parse_args(argv):
     load = parser.add_mutually_exclusive_group(required=True)
     load.add_argument("--concurrency", type=_levels, help="closed-loop client counts, e.g. 1,8,64,256")
     load.add_argument("--request-rate", type=float, help="Poisson arrivals per second (open loop)")
-    parser.add_argument("--dataset", type=pathlib.Path, default=DEFAULT_DATA, help=f"the {DATA_FILE} file")
+    parser.add_argument("--dataset", type=pathlib.Path, default=ALPACA_EVAL, help=f"the {ALPACA_EVAL.name} file")
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=None, help="cap on each request's answer length")
     parser.add_argument("--max-prompt-len", type=int, default=512, help="skip longer prompts")
@@ -591,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(raw_argv)
     git = git_state()
     if not args.dataset.is_file():
-        print(f"error: --dataset: {args.dataset} not found (expected ../shared/data/{DATA_FILE})", file=sys.stderr)
+        print(f"error: --dataset: {args.dataset} not found (expected ../shared/data/{ALPACA_EVAL.name})",
+              file=sys.stderr)
         return 2
     work = load_workload(args.dataset, args.num_prompts, args.max_tokens, args.max_prompt_len)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

