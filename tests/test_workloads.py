@@ -99,7 +99,7 @@ def test_prompt_lists(tmp_path):
 
 def test_every_former_reader_gets_the_loaders_rows(rows_file, tmp_path):
     from benchmarks import offline_throughput, serving, soak
-    from benchmarks.sim_workload import HeavyTailedLengths, load_prompt_rows
+    from benchmarks.simulator.workload import HeavyTailedLengths, load_prompt_rows
     from scalellm_jax.engine.simulated_device import load_workload_lengths
     from scalellm_jax.length_predictor import dataset
 

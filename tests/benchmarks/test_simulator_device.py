@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import scheduler_sim as sim
-from benchmarks.sim_device import DEVICE_GEOMETRY, device_steps
-from benchmarks.sim_replay import build_policy, simulate
-from benchmarks.sim_workload import (
+from benchmarks.simulator import scheduler_sim as sim
+from benchmarks.simulator.device import DEVICE_GEOMETRY, device_steps
+from benchmarks.simulator.replay import build_policy, simulate
+from benchmarks.simulator.workload import (
     FixedLengths,
     HeavyTailedLengths,
     build_sim_requests,

@@ -25,7 +25,7 @@ AlpacaEval, ``benchmarks/results/predictor-20261202-191437.json``).
 
 Every request asks for as many tokens as fit (``max_tokens`` = ``max_model_len`` − prompt, as a
 client that sets none gets) and does not ignore EOS: the simulated device samples EOS exactly when
-the request reaches its true length (``sim_replay``). So no policy sees the true length but the
+the request reaches its true length (``replay``). So no policy sees the true length but the
 oracle.
 """
 
@@ -151,7 +151,7 @@ def make_stream(num_rows: int, num_requests: int, priority_fraction: float, seed
 
 def build_requests(stream: Stream, rows: list[WorkloadRow], rate: float | None, max_model_len: int) -> list[Request]:
     """Requests that run exactly their row's length by ``max_tokens`` and ``ignore_eos`` (the real-engine
-    check, ``scheduler_engine_check``, whose random-weight model never ends on its own). ``max_tokens``
+    check, ``engine_check``, whose random-weight model never ends on its own). ``max_tokens``
     tells every policy the true length: the simulator uses ``build_sim_requests`` instead."""
     arrivals = np.zeros(len(stream)) if rate is None else stream.unit_arrivals / rate
     requests = []
