@@ -32,13 +32,13 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
-import json
 import pathlib
 import shlex
 import statistics
 import sys
 import tempfile
 
+from benchmarks.engine_flags import add_engine_flags, resolve_engine_flags, served_device
 from benchmarks.provenance import cpu_description, git_state, write_result
 from benchmarks.random_checkpoint import write_bench_model
 from benchmarks.serving import Result, engine_request, run_closed, summarize
@@ -198,10 +198,7 @@ def parse_args(argv):
     p.add_argument("--model", default="bench:medium",
                    help="bench:medium / bench:tiny (random weights), a preset or a checkpoint folder "
                    "(default with --simulate-device: mixtral-8x7b)")
-    p.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 simulated")
-    p.add_argument("--engine", default=None, help="EngineConfig fields as JSON (default: "
-                   f"{json.dumps(CPU_ENGINE)}; simulated {json.dumps(SIMULATED_ENGINE)})")
-    p.add_argument("--simulate-device", default=None, metavar="DEVICE", help="e.g. h200: the GPU regime, simulated")
+    add_engine_flags(p, CPU_ENGINE, SIMULATED_ENGINE)
     p.add_argument("--dataset", type=pathlib.Path, default=ALPACA_EVAL)
     p.add_argument("--out", type=pathlib.Path, default=None)
     args = p.parse_args(argv)
@@ -209,33 +206,21 @@ def parse_args(argv):
     unknown = [w for w in args.workloads if w not in ("system-prompt", "multi-turn")]
     if unknown or not args.workloads:
         p.error(f"--workloads: unknown {unknown or args.workloads!r}; choose system-prompt, multi-turn")
-    simulated = args.simulate_device is not None
-    if simulated:
-        from device_models import DEVICES
-
-        if args.simulate_device not in DEVICES:
-            p.error(f"--simulate-device: unknown {args.simulate_device!r}; choose one of {', '.join(DEVICES)}")
-        if args.model == "bench:medium":
-            args.model = "mixtral-8x7b"
+    simulated = resolve_engine_flags(p, args, CPU_ENGINE, SIMULATED_ENGINE)
+    if simulated and args.model == "bench:medium":
+        args.model = "mixtral-8x7b"
     for name, value in (SIMULATED_DEFAULTS if simulated else CPU_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     for name in ("system_tokens", "num_prompts", "concurrency", "conversations", "turns", "max_tokens", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    args.dtype = args.dtype or ("bfloat16" if simulated else "float32")
-    try:
-        args.engine_options = json.loads(args.engine) if args.engine else dict(
-            SIMULATED_ENGINE if simulated else CPU_ENGINE)
-    except ValueError as exc:
-        p.error(f"--engine: not JSON ({exc})")
     if not args.dataset.is_file():
         p.error(f"--dataset: {args.dataset} not found")
     return args
 
 
 async def _run(args, rows, folder: str) -> tuple[dict, list[dict]]:
-    import jax
 
     from scalellm_jax.server.loading import build_served_model
 
@@ -246,12 +231,10 @@ async def _run(args, rows, folder: str) -> tuple[dict, list[dict]]:
                                         enable_prefix_caching=on, **args.engine_options)
                for name, on in (("caching-on", True), ("caching-off", False))}
     chat = Chat(engines["caching-on"].tokenizer, args.max_tokens)
-    setup = {"model": args.model, "dtype": args.dtype, "engine_options": args.engine_options,
-             "device": jax.devices()[0].device_kind}
-    simulated = engines["caching-on"].engine.engine.simulated
+    device, simulated = served_device(engines["caching-on"])
+    setup = {"model": args.model, "dtype": args.dtype, "engine_options": args.engine_options, "device": device}
     if simulated is not None:
-        setup["device"] = f"SIMULATED {simulated.device} on {jax.devices()[0].device_kind}"
-        setup["simulated_device"] = engines["caching-on"].engine.engine.runner.cost.describe()
+        setup["simulated_device"] = simulated
     try:
         for served in engines.values():  # first-use paths, with a session no run uses
             warm = Chat(served.tokenizer, 4)

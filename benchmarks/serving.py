@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 
+from benchmarks.engine_flags import add_engine_flags, resolve_engine_flags, served_device
 from benchmarks.provenance import git_state
 from benchmarks.random_checkpoint import BENCH_MODELS, write_bench_model
 from benchmarks.workload_files import ALPACA_EVAL
@@ -495,13 +496,7 @@ def parse_args(argv):
     parser.add_argument("--model", default="tiny", help="--overhead/--in-process: a preset, a checkpoint folder, "
                         f"or bench:NAME (one of {', '.join(BENCH_MODELS)}: random weights written to a temporary "
                         "checkpoint folder the targets load; see benchmarks/random_checkpoint.py)")
-    parser.add_argument("--dtype", default=None, help="--overhead/--in-process: model dtype (default float32; "
-                        "bfloat16 on a simulated device)")
-    parser.add_argument("--engine", default=None, help="--overhead/--in-process: EngineConfig fields as JSON (default "
-                        f"{json.dumps(OVERHEAD_ENGINE)}; on a simulated device {json.dumps(SIMULATED_ENGINE)})")
-    parser.add_argument("--simulate-device", default=None, metavar="DEVICE",
-                        help="--overhead/--in-process: run both targets on this simulated device (h200, h100, "
-                        "a100-40gb): the model step costs the device cost model's time and no host CPU")
+    add_engine_flags(parser, OVERHEAD_ENGINE, SIMULATED_ENGINE, scope="--overhead/--in-process: ")
     parser.add_argument("--server-args", default="", help="--overhead: extra server flags, e.g. "
                         "'--stream-interval-ms 100'")
     parser.add_argument("--compilation-cache-dir", default=str(pathlib.Path.home() / ".cache" / "scalellm_jax" / "xla"))
@@ -517,20 +512,8 @@ def parse_args(argv):
     args.bench_model = args.model.removeprefix("bench:") if args.model.startswith("bench:") else None
     if args.bench_model is not None and args.bench_model not in BENCH_MODELS:
         parser.error(f"--model: unknown {args.model!r}; bench models: {', '.join(BENCH_MODELS)}")
-    simulated = args.simulate_device is not None
-    if simulated:
-        from device_models import DEVICES
-
-        if args.simulate_device not in DEVICES:
-            parser.error(f"--simulate-device: unknown {args.simulate_device!r}; choose one of {', '.join(DEVICES)}")
-        if args.url:
-            parser.error("--simulate-device: for --overhead or --in-process (a --url server is started by you)")
-    args.dtype = args.dtype or ("bfloat16" if simulated else "float32")
-    try:
-        args.engine_options = json.loads(args.engine) if args.engine else dict(
-            SIMULATED_ENGINE if simulated else OVERHEAD_ENGINE)
-    except ValueError as exc:
-        parser.error(f"--engine: not JSON ({exc})")
+    if resolve_engine_flags(parser, args, OVERHEAD_ENGINE, SIMULATED_ENGINE) and args.url:
+        parser.error("--simulate-device: for --overhead or --in-process (a --url server is started by you)")
     return args
 
 
@@ -550,12 +533,11 @@ async def _run(args, work: list[Work], result: dict, log_path: pathlib.Path) -> 
         model = args.model if args.bench_model is None else str(write_bench_model(args.bench_model, folder))
         served = build_served_model("bench", model, dtype=args.dtype, simulate_device=args.simulate_device,
                                     **args.engine_options)
+        device, simulated = served_device(served)
         result["server"] = {"model": args.model, "dtype": args.dtype, "engine_options": args.engine_options,
-                            "device": jax.devices()[0].device_kind}
-        simulated = served.engine.engine.simulated
+                            "device": device}
         if simulated is not None:
-            result["server"]["device"] = f"SIMULATED {simulated.device} on {jax.devices()[0].device_kind}"
-            result["simulated_device"] = served.engine.engine.runner.cost.describe()
+            result["simulated_device"] = simulated
         extra_args = shlex.split(args.server_args)
         if args.simulate_device:
             extra_args += ["--simulate-device", args.simulate_device]
