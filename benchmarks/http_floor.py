@@ -27,9 +27,8 @@ import tempfile
 import threading
 import time
 
-from benchmarks.provenance import git_state
+from benchmarks.provenance import git_state, output_dir
 from benchmarks.serving import (
-    RESULTS,
     SIMULATED_ENGINE,
     HTTPTarget,
     load_workload,
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
               "host_cpus": os.cpu_count(), "ours": {"command": command, "device": "SIMULATED h200"},
               "floor": {"step_ms": args.step_ms, "chunk_bytes": len(CHUNK)},
               "event_loop_cpu_us_per_token": loop_us, "runs": runs}
-    out = args.out or RESULTS / f"http_floor-{stamp}.json"
+    out = args.out or output_dir() / f"http_floor-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print("event loop CPU per token (us):", {k: [round(v, 1) for v in vs] for k, vs in loop_us.items()})

@@ -1,6 +1,6 @@
 """Offline throughput: ``LLM.generate`` against Hugging Face ``generate`` on the same weights and workload.
 
-    python -m benchmarks.offline_throughput                 # table, JSON to benchmarks/results/
+    python -m benchmarks.offline_throughput                 # table, JSON to benchmarks/runs/
     python -m benchmarks.offline_throughput --json --smoke  # tiny end-to-end check, one JSON object
 
 Workload: the first ``--num-prompts`` AlpacaEval instructions (``../shared/data``), tokenized with
@@ -36,12 +36,10 @@ import tempfile
 import time
 
 from benchmarks.engine_profile import StepProfile, component_ms, decode_step_ms
-from benchmarks.provenance import git_state
+from benchmarks.provenance import git_state, output_dir
 from benchmarks.random_checkpoint import bench_config, write_hf_checkpoint
 from benchmarks.workload_files import ALPACA_EVAL
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 TARGET_RATIO = 3.0
 
 # Run-size knobs: (full benchmark, --smoke). Flags given explicitly win over both.
@@ -226,7 +224,7 @@ def parse_args(argv):
     parser.add_argument("--smoke", action="store_true", help="tiny model and workload; no results file unless --out")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="results JSON path (default: benchmarks/results/offline_throughput-<date>.json)")
+                        help="results JSON path (default: benchmarks/runs/offline_throughput-<date>.json)")
     args = parser.parse_args(argv)
     for name, (full, smoke) in DEFAULTS.items():
         if getattr(args, name) is None:
@@ -329,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out
     if out is None and not args.smoke:
-        out = RESULTS / f"offline_throughput-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+        out = output_dir() / f"offline_throughput-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Prefix caching on against off, side by side: ``python -m benchmarks.prefix_caching`` (JSON to benchmarks/results/).
+"""Prefix caching on against off, side by side: ``python -m benchmarks.prefix_caching`` (JSON to benchmarks/runs/).
 
     python -m benchmarks.prefix_caching                          # CPU: the bench "medium" model
     python -m benchmarks.prefix_caching --simulate-device h200   # the GPU regime, simulated (Mixtral-8x7B)

@@ -44,12 +44,11 @@ import tempfile
 import time
 
 from benchmarks.engine_flags import add_engine_flags, resolve_engine_flags, served_device
-from benchmarks.provenance import git_state
+from benchmarks.provenance import git_state, output_dir
 from benchmarks.random_checkpoint import BENCH_MODELS, write_bench_model
 from benchmarks.workload_files import ALPACA_EVAL
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 OVERHEAD_ENGINE = dict(max_num_seqs=64, max_num_batched_tokens=512, max_model_len=1024)
 SIMULATED_ENGINE = dict(max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=4096)  # a GPU deployment's
 # HTTP against in-process, by concurrency: output tok/s ratio at least, TTFT p50 and ITL p99 added at most.
@@ -501,7 +500,7 @@ def parse_args(argv):
                         "'--stream-interval-ms 100'")
     parser.add_argument("--compilation-cache-dir", default=str(pathlib.Path.home() / ".cache" / "scalellm_jax" / "xla"))
     parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="results JSON (default benchmarks/results/serving-<date>.json; the plot goes next to it)")
+                        help="results JSON (default benchmarks/runs/serving-<date>.json; the plot goes next to it)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     if args.request_rate is not None and args.request_rate <= 0:
@@ -568,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = load_workload(args.dataset, args.num_prompts, args.max_tokens, args.max_prompt_len)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or RESULTS / f"serving-{stamp}.json"
+    out = args.out or output_dir() / f"serving-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "serving", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

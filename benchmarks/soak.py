@@ -17,7 +17,7 @@ It starts ``python -m scalellm_jax.server`` (the built-in demo model unless ``--
 
 It reports requests sent, completed, disconnected on purpose, 4xx by code, 5xx, hung (no answer
 within ``--request-timeout-s``), other failures, KV pages in use after, RSS before/after and whether
-the greedy texts are identical, as JSON in ``benchmarks/results/soak-<date>.json``; the exit code is
+the greedy texts are identical, as JSON in ``benchmarks/runs/soak-<date>.json``; the exit code is
 1 when a target is missed (any 5xx, hung request or leaked page; RSS growth over ``--max-rss-growth``;
 different greedy texts).
 """
@@ -40,8 +40,8 @@ from urllib.parse import urlparse
 
 import aiohttp
 
-from benchmarks.provenance import git_state
-from benchmarks.serving import RESULTS, start_server, stop_server
+from benchmarks.provenance import git_state, output_dir
+from benchmarks.serving import start_server, stop_server
 from benchmarks.workload_files import ALPACA_EVAL
 
 # The demo model (``python -m scalellm_jax.server`` without --model).
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
               "server": {"command": command, "log": str(log), "simulated": simulated},
               "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()
                            if k != "out"}, **result}
-    out = args.out or RESULTS / f"soak-{stamp}.json"
+    out = args.out or output_dir() / f"soak-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("kv_pages_in_use_after", "rss_bytes", "greedy", "checks")}, indent=1))

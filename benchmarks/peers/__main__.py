@@ -43,10 +43,9 @@ import time
 
 from benchmarks.peers.offline_engine import RESULT_PREFIX
 from benchmarks.peers.report import agreement, paired_differences, paired_ratios, rotated, spread
-from benchmarks.provenance import cpu_description, git_state
+from benchmarks.provenance import cpu_description, git_state, output_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "results"
 ENGINES = ("ours", "vllm", "hf")
 SERVING_ENGINES = ("ours", "vllm")  # Hugging Face has no serving engine of its own
 CHECK_TOKENS = 4
@@ -243,7 +242,7 @@ def parse_args(argv):
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--timeout-s", type=int, default=1800, help="per engine run or server start")
     parser.add_argument("--compilation-cache-dir", default=str(pathlib.Path.home() / ".cache" / "scalellm_jax" / "xla"))
-    parser.add_argument("--out", type=pathlib.Path, default=None, help="default benchmarks/results/peers-<date>.json")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="default benchmarks/runs/peers-<date>.json")
     args = parser.parse_args(argv)
     for name in ("repeats", "num_prompts", "max_prompt_len", "max_tokens", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) < 1:
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(raw_argv)
     git = git_state()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or RESULTS / f"peers-{stamp}.json"
+    out = args.out or output_dir() / f"peers-{stamp}.json"
     log = pathlib.Path(tempfile.gettempdir()) / f"scalellm-peers-{stamp}.log"
     say = lambda text: print(text, flush=True)  # noqa: E731
     result = {

@@ -51,7 +51,7 @@ import time
 import numpy as np
 
 from benchmarks.engine_profile import StepProfile
-from benchmarks.provenance import git_state
+from benchmarks.provenance import git_state, output_dir
 from benchmarks.simulator import scheduler_sim as sim
 from benchmarks.simulator.calibration import StepTimes
 from benchmarks.simulator.replay import KVBudget, RunResult, summarize
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "alise_config": dataclasses.asdict(AliseConfig()), **part,
         "same_mean_latency_ordering": same["mean_latency_s"], "same_ordering": same,
     }
-    out = args.out or sim.RESULTS / f"scheduler_sim-engine-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or output_dir() / f"scheduler_sim-engine-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:

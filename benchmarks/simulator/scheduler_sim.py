@@ -18,7 +18,7 @@ EOS at their true length, so no policy but the oracle sees it.
 
 Machinery (``replay``): the real ``Scheduler``, policies and ``KVManager`` stepped on a virtual
 clock. Step times: without ``--device``, calibrated from the real ``ModelRunner`` on the small CPU
-preset (``sim_calibration``; cached in ``benchmarks/results/scheduler_sim-calibration.json``), with
+preset (``calibration``; cached in ``benchmarks/results/scheduler_sim-calibration.json``), with
 the CPU engine's default page pool and ``--swap-space-gb`` of host swap. With ``--device`` (and
 ``--model``, ``--kv-cache-dtype``): the ``device_models`` cost model of each step on a *modelled*
 device (datasheet figures and assumed efficiencies, not a GPU run), the KV pool from the engine's
@@ -56,7 +56,7 @@ import time
 
 import numpy as np
 
-from benchmarks.provenance import git_state
+from benchmarks.provenance import RESULTS, git_state, output_dir
 from benchmarks.simulator.calibration import Geometry, StepTimes, calibrate
 from benchmarks.simulator.replay import POLICIES, KVBudget, build_policy, simulate, summarize
 from benchmarks.simulator.workload import (
@@ -75,10 +75,8 @@ from benchmarks.simulator.workload import (
 from benchmarks.workload_files import ALPACA_EVAL, SHAREGPT
 from scalellm_jax.workloads import load_rows
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 DATASETS = {"alpaca": ALPACA_EVAL, "sharegpt": SHAREGPT}
 DEFAULT_DATA = DATASETS["alpaca"]
-RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_CALIBRATION = RESULTS / "scheduler_sim-calibration.json"
 DEFAULT_LOADS = (0.4, 0.6, 0.8, 1.0, 1.2, 1.4)
 DEFAULT_SWAP_SPACE_GB = 4.0  # EngineConfig.swap_space_gb default
@@ -519,7 +517,7 @@ def parse_args(argv):
     p.add_argument("--alise-config", type=_alise_overrides, default={},
                    help="AliseConfig fields to override for alise and oracle, e.g. aging_rate=0.5,overrun_factor=2")
     p.add_argument("--fast-predictor", action="store_true", help="predictor without MiniLM (tests)")
-    p.add_argument("--out", type=pathlib.Path, default=None, help="results JSON (default: results/ with a date)")
+    p.add_argument("--out", type=pathlib.Path, default=None, help="results JSON (default: benchmarks/runs/, dated)")
     p.add_argument("--plot", type=pathlib.Path, default=None, help="PNG path (default: next to --out)")
     args = p.parse_args(argv)
     bad = [x for x in args.policies if x not in POLICIES]
@@ -603,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     slo = slo_analysis(rows, capacity["capacity_rps"], slo_s, args.slo_factor, baseline)
     analysis = analyze(rows, capacity, slo)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or RESULTS / f"scheduler_sim-{stamp}.json"
+    out = args.out or output_dir() / f"scheduler_sim-{stamp}.json"
     plot_path = args.plot or out.with_suffix(".png")
     note = plot(rows, analysis, plot_path)
     if args.device:
