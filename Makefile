@@ -73,7 +73,8 @@ test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # Compiles every GPU program (kernels, engine steps, the full Mixtral-8x7B steps) for an H200 on this
-# CPU machine; fails on any compile error or register spill; writes its table to benchmarks/results/.
+# CPU machine; fails on any compile error or register spill; writes its table to benchmarks/runs/
+# (benchmarks/results/ with SCALELLM_RECORD=1).
 gpu-compile-check: $(VENV)/.installed-dev $(GPU_SITE)/.installed
 	JAX_PLATFORMS=cpu PYTHONPATH=$(GPU_SITE) $(PY) -m pytest -q -rs -p no:xdist tests/benchmarks/test_gpu_compile_check.py
 	JAX_PLATFORMS=cpu PYTHONPATH=$(GPU_SITE) $(PY) -m benchmarks.gpu_compile_check $(ARGS)

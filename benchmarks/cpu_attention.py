@@ -1,6 +1,6 @@
 """CPU serving attention (``pallas_kernels.xla``): query tiles and key-block sizes, on the offline preset's shapes.
 
-    python -m benchmarks.cpu_attention            # table + JSON in benchmarks/results/
+    python -m benchmarks.cpu_attention            # table + JSON in benchmarks/runs/
     python -m benchmarks.cpu_attention --quick    # fewer repetitions (a smoke run)
 
 The ``xla`` backend is what CPU serving runs (the Pallas kernels need a GPU). Shapes: 8 query heads,
@@ -25,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.provenance import git_state
+from benchmarks.provenance import git_state, output_dir
 from pallas_kernels import reference, xla
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 HEADS, KV_HEADS, HEAD_DIM, PAGE, MAX_PAGES, SEQS, TOKENS = 8, 2, 64, 16, 32, 64, 512
 
 # (name, new tokens per sequence, tokens already cached per sequence); rows past these are empty
@@ -117,7 +116,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 call (smoke run)")
     parser.add_argument("--out", type=pathlib.Path,
-                        help="JSON path (default: benchmarks/results/cpu_attention-<stamp>.json)")
+                        help="JSON path (default: benchmarks/runs/cpu_attention-<stamp>.json)")
     raw_argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(raw_argv)
     git = git_state()  # before the run, like the other benchmarks
@@ -130,7 +129,7 @@ def main(argv=None) -> int:
         cells = "  ".join(f"{n}: {t:5.2f} ms" for n, t in row["ms"].items())
         print(f"decode 64 rows, context {row['context']:>20}  {cells}")
     now = datetime.datetime.now(datetime.UTC)
-    out = args.out or RESULTS / f"cpu_attention-{now.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or output_dir() / f"cpu_attention-{now.strftime('%Y%m%d-%H%M%S')}.json"
     record = {"benchmark": "cpu_attention", "date": now.isoformat(timespec="seconds"), "git": git,
               "command": " ".join(["python -m benchmarks.cpu_attention", *raw_argv]),
               "device": f"{jax.devices()[0].platform} ({jax.device_count()} devices)", "jax": jax.__version__,

@@ -1,6 +1,6 @@
 """Which XLA:CPU dot library a step should compile with: YNNPACK (XLA's default) or XLA's own Eigen dots.
 
-    python -m benchmarks.cpu_dot_library            # JSON to benchmarks/results/cpu_dot_library-<date>.json
+    python -m benchmarks.cpu_dot_library            # JSON to benchmarks/runs/cpu_dot_library-<date>.json
 
 Measures, alternating the two libraries over ``--repeats``, (1) the MoE expert SwiGLU (three
 matmuls against every expert's weights, the decode step's largest cost) at several rows per expert

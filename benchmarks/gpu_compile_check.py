@@ -17,7 +17,7 @@ heads, 8 KV heads, head_dim 128, page 16, bfloat16):
 
 Registers and spills come from ptxas's own report (XLA logs it at verbosity 3), shared memory from
 XLA's thunk sequence dump. One table (program, shape, registers, shared memory, compile seconds)
-goes to ``benchmarks/results/gpu_compile_check-jax<version>-<date>.{json,md}``.
+goes to ``benchmarks/runs/gpu_compile_check-jax<version>-<date>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 TARGET_CONFIG = ROOT.parent / "shared" / "gpu" / "h200.txtpb"
 DUMP_DIR = pathlib.Path(tempfile.gettempdir()) / f"gpu_compile_check-{os.getpid()}"
 
@@ -387,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-full", action="store_true", help="skip the 32-layer Mixtral-8x7B steps")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile worker processes")
     parser.add_argument("--shard", help=argparse.SUPPRESS)  # "k/n": a worker's share (set by --jobs)
-    parser.add_argument("--out", type=pathlib.Path, help="result JSON (default benchmarks/results/...)")
+    parser.add_argument("--out", type=pathlib.Path, help="result JSON (default benchmarks/runs/...)")
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(raw)
     if not TARGET_CONFIG.is_file():
@@ -397,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     atexit.register(shutil.rmtree, DUMP_DIR, True)
     import jax
 
-    from benchmarks.provenance import git_state
+    from benchmarks.provenance import git_state, output_dir
 
     try:
         h200_mesh(TARGET_CONFIG)
@@ -414,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = compile_in_workers(_without_option(raw, "--out"), args.jobs)
     else:
         rows = compile_shard(0, 1, args.quick, args.skip_full)
-    out = args.out or RESULTS / f"gpu_compile_check-jax{jax.__version__}-{stamp:%Y%m%d-%H%M%S}.json"
+    out = args.out or output_dir() / f"gpu_compile_check-jax{jax.__version__}-{stamp:%Y%m%d-%H%M%S}.json"
     result = {"benchmark": "gpu_compile_check", "date": stamp.isoformat(timespec="seconds"),
               "target": "NVIDIA H200 (sm_90a, deviceless)", "jax": jax.__version__, "git": git_state(),
               "command": " ".join(["python -m benchmarks.gpu_compile_check", *raw]),

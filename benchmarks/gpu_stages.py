@@ -20,9 +20,13 @@ import time
 
 from benchmarks import gpu_estimate
 from benchmarks.deadline import Deadline, Recorder
+from benchmarks.workload_files import ALPACA_EVAL
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "alpaca_eval_mixtral_8x7b_instruct.jsonl"
+DATA = ALPACA_EVAL
+# The serving and HF stages skip prompts over this many tokens, so both get the same requests (a prompt sent
+# as text cannot be cut at a token); gpu_estimate prices every prompt at this length.
+MAX_PROMPT_LEN = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +198,8 @@ def serving(cfg, rec: Recorder, deadline: Deadline, ctx: Context) -> None:
     # on an H200: the engine's full set would not fit the stage), and no host swap (see serving_engine_options).
     options = gpu_estimate.serving_engine_options(cfg)
     workload = ["--concurrency", str(cfg.concurrency), "--num-prompts", str(cfg.num_prompts),
-                "--max-tokens", str(cfg.max_tokens), "--dataset", str(ctx.dataset), "--no-plot"]
+                "--max-tokens", str(cfg.max_tokens), "--max-prompt-len", str(MAX_PROMPT_LEN),
+                "--dataset", str(ctx.dataset), "--no-plot"]
     seq, tokens = gpu_estimate.serving_buckets(cfg)
     r = rec.results["serving"] = {"engine_options": options, "buckets": {
         "decode": list(seq), "mixed": list(tokens),
@@ -257,7 +262,7 @@ def hf(cfg, rec: Recorder, deadline: Deadline, ctx: Context) -> None:
     from scalellm_jax import preset
     from scalellm_jax.tokenizer import MistralTokenizer
 
-    work = load_workload(ctx.dataset, MistralTokenizer(), cfg.num_prompts, 512, cfg.max_tokens)
+    work = load_workload(ctx.dataset, MistralTokenizer(), cfg.num_prompts, MAX_PROMPT_LEN, cfg.max_tokens, "skip")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     r = rec.results["hf"] = {"device": device, "torch": torch.__version__, "batches": []}

@@ -7,7 +7,7 @@
     python -m benchmarks.gpu_suite --stage hf                 # 4: the Hugging Face baseline
     python -m benchmarks.gpu_suite --stage decode --preset small   # CPU: the same stage at toy sizes (CI)
 
-Each stage writes ``benchmarks/results/gpu_suite-<stage>-<preset>-<date>.json`` as it goes (after every
+Each stage writes ``benchmarks/runs/gpu_suite-<stage>-<preset>-<date>.json`` as it goes (after every
 measurement, atomically) and a markdown table at the end, with device, jax version, git commit, command
 and date. ``--budget-s`` (default: the stage's limit, 240 s for stage 1 and 300 s for the others) is
 enforced: loops stop before a measurement that would not finish in time and record what they skipped,
@@ -43,10 +43,9 @@ import traceback
 from benchmarks import gpu_estimate, gpu_stages, kernel_tuning
 from benchmarks.deadline import Deadline, Recorder
 from benchmarks.gpu_estimate import LIMITS_S, step_bytes  # noqa: F401 - step_bytes: the roofline, re-exported
-from benchmarks.provenance import git_state
+from benchmarks.provenance import git_state, output_dir
 
 ROOT = gpu_stages.ROOT
-RESULTS = ROOT / "benchmarks" / "results"
 DATA = gpu_stages.DATA
 STAGES = tuple(LIMITS_S)  # in the order to run them
 
@@ -258,7 +257,7 @@ def run_stage(stage: str, cfg: SuiteConfig, args, raw_argv: list[str], start: fl
     deadline = Deadline(LIMITS_S[stage] if args.budget_s is None else args.budget_s, start=start)
     name, platform = device_info(stage)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-    out = args.out or RESULTS / f"gpu_suite-{stage}-{args.preset}-{stamp}.json"
+    out = args.out or output_dir() / f"gpu_suite-{stage}-{args.preset}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     results: dict = {
         "benchmark": "gpu_suite", "stage": stage, "stage_number": STAGES.index(stage) + 1, "preset": args.preset,
@@ -303,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="mixtral-8x7b")
     parser.add_argument("--budget-s", type=float, help="the stage's time budget (default: its limit)")
     parser.add_argument("--out", type=pathlib.Path,
-                        help="result JSON (default benchmarks/results/gpu_suite-<stage>-<preset>-<date>.json)")
+                        help="result JSON (default benchmarks/runs/gpu_suite-<stage>-<preset>-<date>.json)")
     parser.add_argument("--compile-check", help="a gpu_compile_check JSON for compile times (default: the newest "
                         "in benchmarks/results; 'none': the fallbacks)")
     parser.add_argument("--dataset", type=pathlib.Path, default=DATA, help="serving, hf: the AlpacaEval workload "

@@ -27,10 +27,8 @@ import tempfile
 import threading
 import time
 
-from benchmarks.provenance import git_state
+from benchmarks.provenance import git_state, output_dir
 from benchmarks.serving import (
-    DEFAULT_DATA,
-    RESULTS,
     SIMULATED_ENGINE,
     HTTPTarget,
     load_workload,
@@ -39,6 +37,7 @@ from benchmarks.serving import (
     stop_server,
     wait_ready,
 )
+from benchmarks.workload_files import ALPACA_EVAL
 
 CHUNK = (b'data: {"id":"cmpl-00000000000000000000000000000000","object":"text_completion","created":1,'
          b'"model":"floor","choices":[{"index":0,"text":" word","logprobs":null,"finish_reason":null}]}\n\n')
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dataset", type=pathlib.Path, default=DEFAULT_DATA)
+    parser.add_argument("--dataset", type=pathlib.Path, default=ALPACA_EVAL)
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args(raw)
     if args.serve:
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
               "host_cpus": os.cpu_count(), "ours": {"command": command, "device": "SIMULATED h200"},
               "floor": {"step_ms": args.step_ms, "chunk_bytes": len(CHUNK)},
               "event_loop_cpu_us_per_token": loop_us, "runs": runs}
-    out = args.out or RESULTS / f"http_floor-{stamp}.json"
+    out = args.out or output_dir() / f"http_floor-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print("event loop CPU per token (us):", {k: [round(v, 1) for v in vs] for k, vs in loop_us.items()})

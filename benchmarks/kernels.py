@@ -1,6 +1,6 @@
 """Kernel benchmark: on-device correctness and a tuning sweep of our paged attention kernels.
 
-    python -m benchmarks.kernels                 # GPU: ceilings, correctness, sweep; JSON to benchmarks/results/
+    python -m benchmarks.kernels                 # GPU: ceilings, correctness, sweep; JSON to benchmarks/runs/
     python -m benchmarks.kernels --out r.json    # also write JSON on CPU (interpret mode, smoke sizes)
     python -m benchmarks.kernels --batches 64 --contexts 4096 --budget-s 120
 
@@ -40,7 +40,7 @@ import numpy as np
 import pallas_kernels as pk
 from benchmarks import kernel_tuning
 from benchmarks.deadline import Deadline, Recorder
-from benchmarks.provenance import git_state
+from benchmarks.provenance import git_state, output_dir
 from pallas_kernels import reference
 
 try:
@@ -50,7 +50,6 @@ try:
 except ImportError:  # deprecated in jax 0.11, may be removed later
     bundled = None
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 # Relative error bound ||out - ref|| / ||ref|| by query dtype (the kernel tests' bounds).
 TOL = {"bfloat16": 2e-2, "float32": 1e-5}
 
@@ -313,7 +312,7 @@ def main(argv=None):
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096, 32768])
     parser.add_argument("--budget-s", type=float, help="stop measuring (recording what was skipped) after this")
     parser.add_argument("--out", type=pathlib.Path, help="write JSON here (default on GPU: "
-                        "benchmarks/results/kernels-<device>-<date>.json)")
+                        "benchmarks/runs/kernels-<device>-<date>.json)")
     args = parser.parse_args(argv)
     deadline = Deadline(args.budget_s) if args.budget_s else None
     device = jax.devices()[0]
@@ -326,7 +325,7 @@ def main(argv=None):
     out = args.out
     if out is None and on_gpu:
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-        out = RESULTS / f"kernels-{device.device_kind.replace(' ', '_')}-{stamp}.json"
+        out = output_dir() / f"kernels-{device.device_kind.replace(' ', '_')}-{stamp}.json"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
     rec = Recorder(out, {  # without a path (CPU, no --out) it only prints

@@ -1,6 +1,6 @@
 """MoE dispatch under expert parallelism: replicate-and-mask (``model/moe.py``) vs all_to_all.
 
-    python -m benchmarks.moe_dispatch                     # 8 fake CPU devices, JSON to benchmarks/results/
+    python -m benchmarks.moe_dispatch                     # 8 fake CPU devices, JSON to benchmarks/runs/
     python -m benchmarks.moe_dispatch --batches 64 --reps 10
 
 One MoE block with the small Mixtral dims (hidden 512, intermediate 1792, 8 experts, top-2, float32)
@@ -41,7 +41,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from benchmarks.provenance import git_state
+from benchmarks.provenance import git_state, output_dir
 from scalellm_jax.config import ModelConfig
 from scalellm_jax.model.moe import (
     dense_moe_reference,
@@ -54,7 +54,6 @@ from scalellm_jax.model.moe import (
 from scalellm_jax.parallel import EXPERT, TENSOR, ParallelConfig, build_mesh, module_specs
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 512, 1792, 8, 2
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 # Only the MoE block's sizes matter here; the rest just makes a valid config for the weight specs.
 MOE_CONFIG = ModelConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_layers=1,
                          num_heads=8, num_kv_heads=8, head_dim=HIDDEN // 8, num_experts=EXPERTS,
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--meshes", nargs="+", default=["8x1", "2x4"], help="EXPERTxTENSOR")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per variant; the minimum is reported")
-    parser.add_argument("--out", type=pathlib.Path, help="default: benchmarks/results/moe_dispatch-<date>.json")
+    parser.add_argument("--out", type=pathlib.Path, help="default: benchmarks/runs/moe_dispatch-<date>.json")
     args = parser.parse_args(argv)
     # 8 fake devices when this runs on CPU (a no-op for accelerators); must precede the first device use.
     jax.config.update("jax_num_cpu_devices", 8)
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                               for k, v in row["variants"].items())
             print(f"expert={ep} tensor={tp} batch={batch}: {cells}", flush=True)
     now = datetime.datetime.now(datetime.UTC)
-    out = args.out or RESULTS / f"moe_dispatch-{now.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or output_dir() / f"moe_dispatch-{now.strftime('%Y%m%d-%H%M%S')}.json"
     device = jax.devices()[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

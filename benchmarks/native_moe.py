@@ -1,4 +1,4 @@
-"""What a native CPU MoE kernel buys: ``python -m benchmarks.native_moe`` (JSON to benchmarks/results/).
+"""What a native CPU MoE kernel buys: ``python -m benchmarks.native_moe`` (JSON to benchmarks/runs/).
 
 Builds ``benchmarks/native_moe.cc`` (a fused MoE SwiGLU as an XLA FFI custom call, see its header) with
 the host's g++ for the host's vector width, checks it against the engine's CPU experts

@@ -1,6 +1,6 @@
 """Offline throughput: ``LLM.generate`` against Hugging Face ``generate`` on the same weights and workload.
 
-    python -m benchmarks.offline_throughput                 # table, JSON to benchmarks/results/
+    python -m benchmarks.offline_throughput                 # table, JSON to benchmarks/runs/
     python -m benchmarks.offline_throughput --json --smoke  # tiny end-to-end check, one JSON object
 
 Workload: the first ``--num-prompts`` AlpacaEval instructions (``../shared/data``), tokenized with
@@ -36,13 +36,10 @@ import tempfile
 import time
 
 from benchmarks.engine_profile import StepProfile, component_ms, decode_step_ms
-from benchmarks.provenance import git_state
+from benchmarks.provenance import git_state, output_dir
 from benchmarks.random_checkpoint import bench_config, write_hf_checkpoint
+from benchmarks.workload_files import ALPACA_EVAL
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-DATA_FILE = "alpaca_eval_mixtral_8x7b_instruct.jsonl"
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / DATA_FILE
-RESULTS = ROOT / "benchmarks" / "results"
 TARGET_RATIO = 3.0
 
 # Run-size knobs: (full benchmark, --smoke). Flags given explicitly win over both.
@@ -84,23 +81,17 @@ class Workload:
         }
 
 
-def load_workload(path: pathlib.Path, tokenizer, num_prompts: int, max_prompt_len: int, max_tokens: int) -> Workload:
-    prompts, lengths, truncated = [], [], 0
-    with open(path) as f:
-        for line in f:
-            if len(prompts) == num_prompts:
-                break
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            ids = tokenizer.encode(row["instruction"])
-            if len(ids) > max_prompt_len:
-                ids, truncated = ids[:max_prompt_len], truncated + 1
-            prompts.append(ids)
-            lengths.append(max(1, min(max_tokens, len(tokenizer.encode(row["output"], add_bos=False)))))
-    if len(prompts) < num_prompts:
-        raise ValueError(f"{path}: only {len(prompts)} prompts, {num_prompts} requested")
-    return Workload(prompts, lengths, truncated)
+def load_workload(path: pathlib.Path, tokenizer, num_prompts: int, max_prompt_len: int, max_tokens: int,
+                  too_long: str) -> Workload:
+    """The first ``num_prompts`` usable rows; a prompt over ``max_prompt_len`` tokens is skipped or truncated
+    as ``too_long`` says (``scalellm_jax.workloads``); answers capped at ``max_tokens``."""
+    from scalellm_jax.workloads import load_rows
+
+    rows = load_rows(path, tokenizer, max_prompt_len=max_prompt_len, too_long=too_long, first=num_prompts)
+    if len(rows) < num_prompts:
+        raise ValueError(f"{path}: only {len(rows)} prompts, {num_prompts} requested")
+    return Workload([list(r.prompt_ids) for r in rows], [min(max_tokens, r.output_len) for r in rows],
+                    sum(r.truncated for r in rows))
 
 
 # ---------------------------------------------------------------------------------------------- Hugging Face
@@ -223,7 +214,7 @@ def print_table(r: dict) -> None:
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.offline_throughput",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=pathlib.Path, default=DEFAULT_DATA, help=f"the {DATA_FILE} file")
+    parser.add_argument("--data", type=pathlib.Path, default=ALPACA_EVAL, help=f"the {ALPACA_EVAL.name} file")
     for name, (full, smoke) in DEFAULTS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                             help=f"default {full} ({smoke} with --smoke)")
@@ -233,7 +224,7 @@ def parse_args(argv):
     parser.add_argument("--smoke", action="store_true", help="tiny model and workload; no results file unless --out")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="results JSON path (default: benchmarks/results/offline_throughput-<date>.json)")
+                        help="results JSON path (default: benchmarks/runs/offline_throughput-<date>.json)")
     args = parser.parse_args(argv)
     for name, (full, smoke) in DEFAULTS.items():
         if getattr(args, name) is None:
@@ -251,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(raw_argv)
     git = git_state()  # before the engine is imported: the code that runs is the code recorded
     if not args.data.is_file():
-        print(f"error: workload data not found: {args.data} (expected ../shared/data/{DATA_FILE} "
+        print(f"error: workload data not found: {args.data} (expected ../shared/data/{ALPACA_EVAL.name} "
               f"next to the project root, or pass --data)", file=sys.stderr)
         return 2
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
@@ -265,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = MistralTokenizer()
-    work = load_workload(args.data, tokenizer, args.num_prompts, args.max_prompt_len, args.max_tokens)
+    work = load_workload(args.data, tokenizer, args.num_prompts, args.max_prompt_len, args.max_tokens, "truncate")
     config = model_config(args.smoke)
     say(f"workload: {work.summary()}")
 
@@ -336,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out
     if out is None and not args.smoke:
-        out = RESULTS / f"offline_throughput-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+        out = output_dir() / f"offline_throughput-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")

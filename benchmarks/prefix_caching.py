@@ -1,4 +1,4 @@
-"""Prefix caching on against off, side by side: ``python -m benchmarks.prefix_caching`` (JSON to benchmarks/results/).
+"""Prefix caching on against off, side by side: ``python -m benchmarks.prefix_caching`` (JSON to benchmarks/runs/).
 
     python -m benchmarks.prefix_caching                          # CPU: the bench "medium" model
     python -m benchmarks.prefix_caching --simulate-device h200   # the GPU regime, simulated (Mixtral-8x7B)
@@ -32,16 +32,18 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
-import json
 import pathlib
 import shlex
 import statistics
 import sys
 import tempfile
 
+from benchmarks.engine_flags import add_engine_flags, resolve_engine_flags, served_device
 from benchmarks.provenance import cpu_description, git_state, write_result
 from benchmarks.random_checkpoint import write_bench_model
-from benchmarks.serving import DEFAULT_DATA, Result, engine_request, run_closed, summarize
+from benchmarks.serving import Result, engine_request, run_closed, summarize
+from benchmarks.workload_files import ALPACA_EVAL
+from scalellm_jax.workloads import TextRow, answer_len, read_rows
 
 CPU_ENGINE = dict(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=4096)
 SIMULATED_ENGINE = dict(max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=8192)
@@ -58,11 +60,6 @@ class Turn:
     max_tokens: int
 
 
-def read_rows(path: pathlib.Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 class Chat:
     """Mixtral's chat template at the token level (a turn's ids extend the previous turn's, as the
     template makes them: ``<s>[INST] q1 [/INST] a1</s>[INST] q2 [/INST]``)."""
@@ -70,9 +67,8 @@ class Chat:
     def __init__(self, tokenizer, max_tokens: int):
         self.tokenizer, self.max_tokens = tokenizer, max_tokens
 
-    def answer_tokens(self, row: dict) -> int:
-        n = max(1, len(self.tokenizer.encode(row["output"], add_bos=False)))
-        return min(n, self.max_tokens)
+    def answer_tokens(self, row: TextRow) -> int:
+        return min(answer_len(self.tokenizer, row.output), self.max_tokens)
 
     def first(self, question: str, system: str | None = None) -> list[int]:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
@@ -83,12 +79,12 @@ class Chat:
         return conversation + answer + [self.tokenizer.eos_id] + user
 
 
-def system_prompt(tokenizer, rows: list[dict], num_tokens: int, session: int) -> str:
+def system_prompt(tokenizer, rows: list[TextRow], num_tokens: int, session: int) -> str:
     """A system prompt of about ``num_tokens`` tokens: instructions, then example answers from the data."""
     text = (f"Session {session}. You are a helpful assistant. Answer the user's question accurately and "
             "concisely, in the style of these examples.\n")
     for row in rows:
-        example = f"\nQuestion: {row['instruction']}\nAnswer: {row['output']}\n"
+        example = f"\nQuestion: {row.instruction}\nAnswer: {row.output}\n"
         if len(tokenizer.encode(text + example, add_bos=False)) > num_tokens:
             words = example.split(" ")
             while words and len(tokenizer.encode(text + " ".join(words), add_bos=False)) > num_tokens:
@@ -98,34 +94,34 @@ def system_prompt(tokenizer, rows: list[dict], num_tokens: int, session: int) ->
     return text
 
 
-def system_prompt_workload(chat: Chat, rows: list[dict], args, session: int) -> list[Turn]:
+def system_prompt_workload(chat: Chat, rows: list[TextRow], args, session: int) -> list[Turn]:
     questions = rows[: len(rows) - EXAMPLE_ROWS]
     system = system_prompt(chat.tokenizer, rows[len(rows) - EXAMPLE_ROWS:], args.system_tokens, session)
-    return [Turn(chat.first(row["instruction"], system), chat.answer_tokens(row))
+    return [Turn(chat.first(row.instruction, system), chat.answer_tokens(row))
             for row in (questions[i % len(questions)] for i in range(args.num_prompts))]
 
 
-async def run_conversations(engine, chat: Chat, rows: list[dict], args, session: int) -> tuple[list[Result], float]:
+async def run_conversations(engine, chat: Chat, rows: list[TextRow], args, session: int) -> tuple[list[Result], float]:
     """``--conversations`` clients at once, each sending its turns one after another."""
     loop = asyncio.get_running_loop()
     results: list[Result] = []
 
     async def converse(c: int):
         turns = [rows[(c * args.turns + t) % len(rows)] for t in range(args.turns)]
-        ids = chat.first(f"(conversation {c}, session {session}) {turns[0]['instruction']}")
+        ids = chat.first(f"(conversation {c}, session {session}) {turns[0].instruction}")
         for t, row in enumerate(turns):
             result = await engine_request(engine, Turn(ids, chat.answer_tokens(row)))
             results.append(result)
             if not result.ok or t + 1 == len(turns):
                 return
-            ids = chat.next(ids, result.token_ids, turns[t + 1]["instruction"])
+            ids = chat.next(ids, result.token_ids, turns[t + 1].instruction)
 
     start = loop.time()
     await asyncio.gather(*(converse(c) for c in range(args.conversations)))
     return results, loop.time() - start
 
 
-async def measure(engines: dict, chat: Chat, rows: list[dict], args) -> list[dict]:
+async def measure(engines: dict, chat: Chat, rows: list[TextRow], args) -> list[dict]:
     runs = []
     names = list(engines)
     for workload in args.workloads:
@@ -202,44 +198,29 @@ def parse_args(argv):
     p.add_argument("--model", default="bench:medium",
                    help="bench:medium / bench:tiny (random weights), a preset or a checkpoint folder "
                    "(default with --simulate-device: mixtral-8x7b)")
-    p.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 simulated")
-    p.add_argument("--engine", default=None, help="EngineConfig fields as JSON (default: "
-                   f"{json.dumps(CPU_ENGINE)}; simulated {json.dumps(SIMULATED_ENGINE)})")
-    p.add_argument("--simulate-device", default=None, metavar="DEVICE", help="e.g. h200: the GPU regime, simulated")
-    p.add_argument("--dataset", type=pathlib.Path, default=DEFAULT_DATA)
+    add_engine_flags(p, CPU_ENGINE, SIMULATED_ENGINE)
+    p.add_argument("--dataset", type=pathlib.Path, default=ALPACA_EVAL)
     p.add_argument("--out", type=pathlib.Path, default=None)
     args = p.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in args.workloads if w not in ("system-prompt", "multi-turn")]
     if unknown or not args.workloads:
         p.error(f"--workloads: unknown {unknown or args.workloads!r}; choose system-prompt, multi-turn")
-    simulated = args.simulate_device is not None
-    if simulated:
-        from device_models import DEVICES
-
-        if args.simulate_device not in DEVICES:
-            p.error(f"--simulate-device: unknown {args.simulate_device!r}; choose one of {', '.join(DEVICES)}")
-        if args.model == "bench:medium":
-            args.model = "mixtral-8x7b"
+    simulated = resolve_engine_flags(p, args, CPU_ENGINE, SIMULATED_ENGINE)
+    if simulated and args.model == "bench:medium":
+        args.model = "mixtral-8x7b"
     for name, value in (SIMULATED_DEFAULTS if simulated else CPU_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     for name in ("system_tokens", "num_prompts", "concurrency", "conversations", "turns", "max_tokens", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    args.dtype = args.dtype or ("bfloat16" if simulated else "float32")
-    try:
-        args.engine_options = json.loads(args.engine) if args.engine else dict(
-            SIMULATED_ENGINE if simulated else CPU_ENGINE)
-    except ValueError as exc:
-        p.error(f"--engine: not JSON ({exc})")
     if not args.dataset.is_file():
         p.error(f"--dataset: {args.dataset} not found")
     return args
 
 
 async def _run(args, rows, folder: str) -> tuple[dict, list[dict]]:
-    import jax
 
     from scalellm_jax.server.loading import build_served_model
 
@@ -250,17 +231,15 @@ async def _run(args, rows, folder: str) -> tuple[dict, list[dict]]:
                                         enable_prefix_caching=on, **args.engine_options)
                for name, on in (("caching-on", True), ("caching-off", False))}
     chat = Chat(engines["caching-on"].tokenizer, args.max_tokens)
-    setup = {"model": args.model, "dtype": args.dtype, "engine_options": args.engine_options,
-             "device": jax.devices()[0].device_kind}
-    simulated = engines["caching-on"].engine.engine.simulated
+    device, simulated = served_device(engines["caching-on"])
+    setup = {"model": args.model, "dtype": args.dtype, "engine_options": args.engine_options, "device": device}
     if simulated is not None:
-        setup["device"] = f"SIMULATED {simulated.device} on {jax.devices()[0].device_kind}"
-        setup["simulated_device"] = engines["caching-on"].engine.engine.runner.cost.describe()
+        setup["simulated_device"] = simulated
     try:
         for served in engines.values():  # first-use paths, with a session no run uses
             warm = Chat(served.tokenizer, 4)
             await run_closed(lambda w, s=served: engine_request(s.engine, w),
-                             [Turn(warm.first(r["instruction"], "Session 0."), 4) for r in rows[:4]], 4)
+                             [Turn(warm.first(r.instruction, "Session 0."), 4) for r in rows[:4]], 4)
         return setup, await measure(engines, chat, rows, args)
     finally:
         for served in engines.values():
@@ -270,7 +249,7 @@ async def _run(args, rows, folder: str) -> tuple[dict, list[dict]]:
 def main(argv: list[str] | None = None) -> int:
     raw_argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(raw_argv)
-    rows = read_rows(args.dataset)
+    rows = read_rows(args.dataset)  # each row's text, also as the system prompt's examples
     with tempfile.TemporaryDirectory(prefix="prefix-caching-bench-") as folder:
         setup, runs = asyncio.run(_run(args, rows, folder))
     report = paired_report(runs)

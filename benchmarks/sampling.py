@@ -1,6 +1,6 @@
 """Sampling cost by batch composition: what top-p or top-k on some rows adds to a temperature-only batch.
 
-    python -m benchmarks.sampling                       # batch 64, Mixtral's 32000 vocabulary, JSON to results/
+    python -m benchmarks.sampling                       # batch 64, Mixtral's 32000 vocabulary, JSON to benchmarks/runs/
     python -m benchmarks.sampling --batches 16 64 --rounds 9
 
 Times the jitted ``engine.sampling.sample`` (the engine's sampler) on ``[batch, vocab]`` float32 logits for
@@ -32,10 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.provenance import git_state
+from benchmarks.provenance import git_state, output_dir
 from scalellm_jax.engine import sampling
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 TARGET_RATIO = 1.2  # one top-p row at batch 64 vs temperature only
 CASES = {  # name -> per row (temperature, top_k, top_p) given the row index and batch size
     "greedy": lambda i, b: (0.0, 0, 1.0),
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-streams", type=int, default=16, help="end to end: requests (0: skip)")
     parser.add_argument("--engine-tokens", type=int, default=32)
     parser.add_argument("--engine-repeats", type=int, default=3)
-    parser.add_argument("--out", type=pathlib.Path, help="default: benchmarks/results/sampling-<date>.json")
+    parser.add_argument("--out", type=pathlib.Path, help="default: benchmarks/runs/sampling-<date>.json")
     args = parser.parse_args(argv)
     methods = {k: v for k, v in samplers().items() if k in args.methods}
     rows = []
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target: one top-p row at batch 64 ({v['logits']}) x{v['ratio']:.2f} <= x{TARGET_RATIO}: "
               f"{'met' if v['met'] else 'MISSED'}")
     now = datetime.datetime.now(datetime.UTC)
-    out = args.out or RESULTS / f"sampling-{now.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or output_dir() / f"sampling-{now.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0]
     out.write_text(json.dumps({

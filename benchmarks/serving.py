@@ -43,13 +43,12 @@ import sys
 import tempfile
 import time
 
-from benchmarks.provenance import git_state
+from benchmarks.engine_flags import add_engine_flags, resolve_engine_flags, served_device
+from benchmarks.provenance import git_state, output_dir
 from benchmarks.random_checkpoint import BENCH_MODELS, write_bench_model
+from benchmarks.workload_files import ALPACA_EVAL
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DATA_FILE = "alpaca_eval_mixtral_8x7b_instruct.jsonl"
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / DATA_FILE
-RESULTS = ROOT / "benchmarks" / "results"
 OVERHEAD_ENGINE = dict(max_num_seqs=64, max_num_batched_tokens=512, max_model_len=1024)
 SIMULATED_ENGINE = dict(max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=4096)  # a GPU deployment's
 # HTTP against in-process, by concurrency: output tok/s ratio at least, TTFT p50 and ITL p99 added at most.
@@ -83,23 +82,14 @@ class Result:
 
 
 def load_workload(path: pathlib.Path, num_prompts: int, max_tokens: int | None, max_prompt_len: int) -> list[Work]:
+    """``num_prompts`` requests from the first rows whose prompts fit ``max_prompt_len`` (longer ones are
+    skipped: the prompt goes out as text, so it cannot be cut at a token), the rows again if there are fewer."""
     from scalellm_jax.tokenizer import MistralTokenizer
+    from scalellm_jax.workloads import load_rows
 
-    tokenizer = MistralTokenizer()
-    work = []
-    with open(path) as f:
-        for line in f:
-            if len(work) == num_prompts:
-                break
-            if line.strip():
-                row = json.loads(line)
-                ids = tokenizer.encode(row["instruction"])
-                if len(ids) > max_prompt_len:  # keep prompt and answer inside the context
-                    continue
-                n = max(1, len(tokenizer.encode(row["output"], add_bos=False)))
-                work.append(Work(row["instruction"], ids, min(n, max_tokens) if max_tokens else n))
-    if not work:
-        raise ValueError(f"{path}: no usable prompts (all longer than {max_prompt_len} tokens?)")
+    rows = load_rows(path, MistralTokenizer(), max_prompt_len=max_prompt_len, too_long="skip", first=num_prompts)
+    work = [Work(r.text, list(r.prompt_ids), min(r.output_len, max_tokens) if max_tokens else r.output_len)
+            for r in rows]
     return [work[i % len(work)] for i in range(num_prompts)]  # more prompts than rows: the rows again
 
 
@@ -494,7 +484,7 @@ def parse_args(argv):
     load = parser.add_mutually_exclusive_group(required=True)
     load.add_argument("--concurrency", type=_levels, help="closed-loop client counts, e.g. 1,8,64,256")
     load.add_argument("--request-rate", type=float, help="Poisson arrivals per second (open loop)")
-    parser.add_argument("--dataset", type=pathlib.Path, default=DEFAULT_DATA, help=f"the {DATA_FILE} file")
+    parser.add_argument("--dataset", type=pathlib.Path, default=ALPACA_EVAL, help=f"the {ALPACA_EVAL.name} file")
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=None, help="cap on each request's answer length")
     parser.add_argument("--max-prompt-len", type=int, default=512, help="skip longer prompts")
@@ -505,18 +495,12 @@ def parse_args(argv):
     parser.add_argument("--model", default="tiny", help="--overhead/--in-process: a preset, a checkpoint folder, "
                         f"or bench:NAME (one of {', '.join(BENCH_MODELS)}: random weights written to a temporary "
                         "checkpoint folder the targets load; see benchmarks/random_checkpoint.py)")
-    parser.add_argument("--dtype", default=None, help="--overhead/--in-process: model dtype (default float32; "
-                        "bfloat16 on a simulated device)")
-    parser.add_argument("--engine", default=None, help="--overhead/--in-process: EngineConfig fields as JSON (default "
-                        f"{json.dumps(OVERHEAD_ENGINE)}; on a simulated device {json.dumps(SIMULATED_ENGINE)})")
-    parser.add_argument("--simulate-device", default=None, metavar="DEVICE",
-                        help="--overhead/--in-process: run both targets on this simulated device (h200, h100, "
-                        "a100-40gb): the model step costs the device cost model's time and no host CPU")
+    add_engine_flags(parser, OVERHEAD_ENGINE, SIMULATED_ENGINE, scope="--overhead/--in-process: ")
     parser.add_argument("--server-args", default="", help="--overhead: extra server flags, e.g. "
                         "'--stream-interval-ms 100'")
     parser.add_argument("--compilation-cache-dir", default=str(pathlib.Path.home() / ".cache" / "scalellm_jax" / "xla"))
     parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="results JSON (default benchmarks/results/serving-<date>.json; the plot goes next to it)")
+                        help="results JSON (default benchmarks/runs/serving-<date>.json; the plot goes next to it)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     if args.request_rate is not None and args.request_rate <= 0:
@@ -527,20 +511,8 @@ def parse_args(argv):
     args.bench_model = args.model.removeprefix("bench:") if args.model.startswith("bench:") else None
     if args.bench_model is not None and args.bench_model not in BENCH_MODELS:
         parser.error(f"--model: unknown {args.model!r}; bench models: {', '.join(BENCH_MODELS)}")
-    simulated = args.simulate_device is not None
-    if simulated:
-        from device_models import DEVICES
-
-        if args.simulate_device not in DEVICES:
-            parser.error(f"--simulate-device: unknown {args.simulate_device!r}; choose one of {', '.join(DEVICES)}")
-        if args.url:
-            parser.error("--simulate-device: for --overhead or --in-process (a --url server is started by you)")
-    args.dtype = args.dtype or ("bfloat16" if simulated else "float32")
-    try:
-        args.engine_options = json.loads(args.engine) if args.engine else dict(
-            SIMULATED_ENGINE if simulated else OVERHEAD_ENGINE)
-    except ValueError as exc:
-        parser.error(f"--engine: not JSON ({exc})")
+    if resolve_engine_flags(parser, args, OVERHEAD_ENGINE, SIMULATED_ENGINE) and args.url:
+        parser.error("--simulate-device: for --overhead or --in-process (a --url server is started by you)")
     return args
 
 
@@ -560,12 +532,11 @@ async def _run(args, work: list[Work], result: dict, log_path: pathlib.Path) -> 
         model = args.model if args.bench_model is None else str(write_bench_model(args.bench_model, folder))
         served = build_served_model("bench", model, dtype=args.dtype, simulate_device=args.simulate_device,
                                     **args.engine_options)
+        device, simulated = served_device(served)
         result["server"] = {"model": args.model, "dtype": args.dtype, "engine_options": args.engine_options,
-                            "device": jax.devices()[0].device_kind}
-        simulated = served.engine.engine.simulated
+                            "device": device}
         if simulated is not None:
-            result["server"]["device"] = f"SIMULATED {simulated.device} on {jax.devices()[0].device_kind}"
-            result["simulated_device"] = served.engine.engine.runner.cost.describe()
+            result["simulated_device"] = simulated
         extra_args = shlex.split(args.server_args)
         if args.simulate_device:
             extra_args += ["--simulate-device", args.simulate_device]
@@ -591,11 +562,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(raw_argv)
     git = git_state()
     if not args.dataset.is_file():
-        print(f"error: --dataset: {args.dataset} not found (expected ../shared/data/{DATA_FILE})", file=sys.stderr)
+        print(f"error: --dataset: {args.dataset} not found (expected ../shared/data/{ALPACA_EVAL.name})",
+              file=sys.stderr)
         return 2
     work = load_workload(args.dataset, args.num_prompts, args.max_tokens, args.max_prompt_len)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or RESULTS / f"serving-{stamp}.json"
+    out = args.out or output_dir() / f"serving-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "serving", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -17,7 +17,7 @@ It starts ``python -m scalellm_jax.server`` (the built-in demo model unless ``--
 
 It reports requests sent, completed, disconnected on purpose, 4xx by code, 5xx, hung (no answer
 within ``--request-timeout-s``), other failures, KV pages in use after, RSS before/after and whether
-the greedy texts are identical, as JSON in ``benchmarks/results/soak-<date>.json``; the exit code is
+the greedy texts are identical, as JSON in ``benchmarks/runs/soak-<date>.json``; the exit code is
 1 when a target is missed (any 5xx, hung request or leaked page; RSS growth over ``--max-rss-growth``;
 different greedy texts).
 """
@@ -40,8 +40,9 @@ from urllib.parse import urlparse
 
 import aiohttp
 
-from benchmarks.provenance import git_state
-from benchmarks.serving import DEFAULT_DATA, RESULTS, start_server, stop_server
+from benchmarks.provenance import git_state, output_dir
+from benchmarks.serving import start_server, stop_server
+from benchmarks.workload_files import ALPACA_EVAL
 
 # The demo model (``python -m scalellm_jax.server`` without --model).
 DEMO = ("tiny", {"max_num_seqs": 16, "max_num_batched_tokens": 32, "max_model_len": 2048})
@@ -212,18 +213,16 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+MAX_PROMPT_CHARS = 1000  # longer prompts are skipped: the soak measures stability, not long prefills
+
+
 def load_prompts(path: pathlib.Path, limit: int = 500) -> list[str]:
+    """The first ``limit`` prompts of at most ``MAX_PROMPT_CHARS`` characters (the built-in few without a file)."""
+    from scalellm_jax.workloads import read_rows
+
     if not path.is_file():
         return list(FALLBACK_PROMPTS)
-    prompts = []
-    with path.open() as rows:
-        for line in rows:
-            text = json.loads(line)["instruction"]
-            if len(text) <= 1000:
-                prompts.append(text)
-            if len(prompts) >= limit:
-                break
-    return prompts
+    return [r.instruction for r in read_rows(path) if len(r.instruction) <= MAX_PROMPT_CHARS][:limit]
 
 
 async def soak(args, base: str, pid: int, model: str, simulated: bool) -> dict:
@@ -280,7 +279,7 @@ def parse_args(argv):
     parser.add_argument("--model", default=None, help="a checkpoint folder or preset (default: the demo model)")
     parser.add_argument("--server-args", default="", help="extra server flags (default queue: --max-queued-requests "
                         f"{MAX_N} x --concurrency)")
-    parser.add_argument("--dataset", type=pathlib.Path, default=DEFAULT_DATA, help="prompts (instruction rows); "
+    parser.add_argument("--dataset", type=pathlib.Path, default=ALPACA_EVAL, help="prompts (instruction rows); "
                         "a few built-in prompts when the file is missing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=None)
@@ -318,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
               "server": {"command": command, "log": str(log), "simulated": simulated},
               "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()
                            if k != "out"}, **result}
-    out = args.out or RESULTS / f"soak-{stamp}.json"
+    out = args.out or output_dir() / f"soak-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("kv_pages_in_use_after", "rss_bytes", "greedy", "checks")}, indent=1))

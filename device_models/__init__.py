@@ -4,7 +4,7 @@ Device profiles (datasheet figures plus calibrated efficiencies) and model shape
 any step the engine can run: the weights it must read (the experts its tokens can reach), the KV
 it reads and writes at its dtype, the FLOPs of its prefill and decode tokens, a fixed per-step
 cost, and swap transfers over the host link. It imports nothing from ``scalellm_jax``: the
-scheduler simulator (``benchmarks.scheduler_sim --device``) and the engine's simulated device
+scheduler simulator (``python -m benchmarks.simulator --device``) and the engine's simulated device
 (``--simulate-device``) both build on it, and a real GPU run recalibrates it
 (``python -m device_models.calibration``).
 """

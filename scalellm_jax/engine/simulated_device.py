@@ -21,7 +21,6 @@ client's).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -35,6 +34,7 @@ from scalellm_jax.engine.buckets import bucket_for
 from scalellm_jax.engine.memory import page_bytes_per_device
 from scalellm_jax.engine.scheduler import ScheduledRequest, SwapOp
 from scalellm_jax.engine.step_program import TOP_LOGPROBS, StepOutput, StepShapes
+from scalellm_jax.workloads import WorkloadError, load_rows
 
 logger = logging.getLogger(__name__)
 
@@ -80,25 +80,10 @@ class SimulatedDevice:
 
 def load_workload_lengths(path: str | Path, tokenizer) -> dict[tuple[int, ...], int]:
     """Prompt token ids (as the server encodes a completion prompt) -> the row's answer length in tokens."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"simulate_lengths: {path} is not a file")
-    lengths = {}
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"simulate_lengths: {path}:{number}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("instruction", "output")):
-                raise ValueError(f"simulate_lengths: {path}:{number}: needs string fields 'instruction' and 'output'")
-            answer = len(tokenizer.encode(row["output"], add_bos=False))
-            lengths[tuple(tokenizer.encode(row["instruction"]))] = max(1, answer)
-    if not lengths:
-        raise ValueError(f"simulate_lengths: {path} has no rows")
-    return lengths
+    try:
+        return {row.prompt_ids: row.output_len for row in load_rows(path, tokenizer)}  # every prompt, whole
+    except WorkloadError as exc:
+        raise ValueError(f"simulate_lengths: {exc}") from None
 
 
 @dataclasses.dataclass

@@ -7,10 +7,11 @@ import json
 import pytest
 
 from benchmarks import offline_throughput as bench
+from benchmarks.workload_files import ALPACA_EVAL
 from tests.torch_reference import require_torch
 
 needs_data = pytest.mark.skipif(
-    not bench.DEFAULT_DATA.is_file(), reason=f"workload data absent: {bench.DEFAULT_DATA} (../shared/data)"
+    not ALPACA_EVAL.is_file(), reason=f"workload data absent: {ALPACA_EVAL} (../shared/data)"
 )
 
 

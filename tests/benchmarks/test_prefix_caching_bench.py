@@ -7,9 +7,9 @@ import json
 import pytest
 
 from benchmarks import prefix_caching
-from benchmarks.serving import DEFAULT_DATA
+from benchmarks.workload_files import ALPACA_EVAL
 
-pytestmark = pytest.mark.skipif(not DEFAULT_DATA.is_file(), reason=f"workload data not found at {DEFAULT_DATA}")
+pytestmark = pytest.mark.skipif(not ALPACA_EVAL.is_file(), reason=f"workload data not found at {ALPACA_EVAL}")
 
 
 def test_a_short_simulated_run_reports_hits_only_with_caching(tmp_path):

@@ -117,5 +117,5 @@ def test_bad_simulation_options_name_the_problem(tmp_path):
         LLM("tiny", simulate_lengths="rows.jsonl", **ENGINE)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "hi"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: needs string fields"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: field 'output' is missing"):
         LLM("mixtral-8x7b", simulate_device="h200", simulate_lengths=str(bad), **ENGINE)

@@ -1,6 +1,6 @@
 """Step times for the scheduler simulator from the device cost model (``--device``), not a CPU calibration.
 
-``DeviceSteps`` has the interface ``sim_replay`` uses of ``StepTimes`` (``geometry``, ``step_s(out)``,
+``DeviceSteps`` has the interface ``replay`` uses of ``StepTimes`` (``geometry``, ``step_s(out)``,
 ``decode_buckets``, ``with_seats``): a step's time is ``DeviceCostModel.step_s`` of its ``StepWork``
 (each scheduled row's new tokens and context after the step; the matmuls padded to the engine's
 shape bucket for the step: a decode step's row bucket, a mixed step's token bucket, as
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from benchmarks.sim_calibration import Geometry
+from benchmarks.simulator.calibration import Geometry
 from device_models import DEVICES, MODELS, DeviceCostModel, StepWork, device_profile, model_shape
 from scalellm_jax.engine.buckets import bucket_for
 from scalellm_jax.engine.scheduler import SchedulerOutput

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import scheduler_engine_check as check
+from benchmarks.simulator import engine_check as check
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """One simulated run: requests replayed through the real Scheduler, policy and KVManager on a virtual clock.
 
 Nothing runs a model. Each step is ``schedule()``; the step's time comes from the step-time model
-(the CPU-calibrated ``StepTimes``, or ``sim_device.DeviceSteps`` for a modelled GPU) and advances
+(the CPU-calibrated ``StepTimes``, or ``device.DeviceSteps`` for a modelled GPU) and advances
 the virtual clock; every sampled row gets a fake token, EOS exactly when the request reaches its
 true length (requests do not ignore EOS and ask for as many tokens as fit, so only the oracle
 knows when they end); then ``update()``. New requests join at step boundaries once their arrival
@@ -16,8 +16,8 @@ import dataclasses
 
 import numpy as np
 
-from benchmarks.sim_calibration import StepTimes
-from benchmarks.sim_workload import EOS_TOKEN, SAMPLED_TOKEN
+from benchmarks.simulator.calibration import StepTimes
+from benchmarks.simulator.workload import EOS_TOKEN, SAMPLED_TOKEN
 from scalellm_jax.engine.kv_manager import KVManager
 from scalellm_jax.engine.policies import AliseConfig, AlisePolicy, OracleLengths, Policy, make_policy
 from scalellm_jax.engine.request import Request

@@ -1,4 +1,4 @@
-"""``benchmarks.scheduler_sim``: the CLI end to end on a tiny synthetic workload (no model, no real dataset)."""
+"""``python -m benchmarks.simulator``: the CLI end to end on a tiny synthetic workload (no model, no real dataset)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from benchmarks import scheduler_sim as sim
-from benchmarks.sim_calibration import Geometry, StepTimes
+from benchmarks.simulator import scheduler_sim as sim
+from benchmarks.simulator.calibration import Geometry, StepTimes
 
 SHORT = "Answer with one word: is item {i} red?"
 LONG = "Write a detailed essay about the history of topic {i}."

@@ -8,13 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import scheduler_sim as sim
-from benchmarks.sim_device import DEVICE_GEOMETRY, device_steps
-from benchmarks.sim_replay import build_policy, simulate
-from benchmarks.sim_workload import (
+from benchmarks.simulator import scheduler_sim as sim
+from benchmarks.simulator.device import DEVICE_GEOMETRY, device_steps
+from benchmarks.simulator.replay import build_policy, simulate
+from benchmarks.simulator.workload import (
     FixedLengths,
     HeavyTailedLengths,
-    Row,
     build_sim_requests,
     kendall_tau,
     load_prompt_rows,
@@ -25,6 +24,7 @@ from device_models import StepWork
 from scalellm_jax.engine.policies import AliseConfig
 from scalellm_jax.engine.request import Request, SamplingParams
 from scalellm_jax.engine.scheduler import ScheduledRequest, SchedulerOutput, SwapOp
+from scalellm_jax.workloads import WorkloadRow
 
 GIB = 2**30
 
@@ -88,7 +88,7 @@ def test_kv_pool_follows_the_memory_plan_and_kv_gib():
 
 
 def test_requests_do_not_carry_their_true_length_and_end_exactly_at_it():
-    rows = [Row("a", (5,) * 10, 3), Row("b", (5,) * 20, 40), Row("c", (5,) * 1000, 5000)]
+    rows = [WorkloadRow("a", (5,) * 10, 3), WorkloadRow("b", (5,) * 20, 40), WorkloadRow("c", (5,) * 1000, 5000)]
     stream = make_stream(len(rows), 6, 0.0, seed=0)
     requests, true = build_sim_requests(stream, rows, 10.0, max_model_len=1024)
     for r in requests:

@@ -1,13 +1,13 @@
 """Scheduler simulator: fcfs, priority, alise and an oracle SJF on a real workload, without running a model.
 
-    python -m benchmarks.scheduler_sim                                   # CPU-calibrated small preset, AlpacaEval
-    python -m benchmarks.scheduler_sim --device a100-40gb --model opt-13b --dataset sharegpt
-    python -m benchmarks.scheduler_sim --device h200 --model mixtral-8x7b --kv-gib 8 --kv-cache-dtype int8 \\
+    python -m benchmarks.simulator                                       # CPU-calibrated small preset, AlpacaEval
+    python -m benchmarks.simulator --device a100-40gb --model opt-13b --dataset sharegpt
+    python -m benchmarks.simulator --device h200 --model mixtral-8x7b --kv-gib 8 --kv-cache-dtype int8 \\
         --baseline benchmarks/results/scheduler_sim-<bf16 run>.json  # int8 KV at the bf16 run's SLO
-    python -m benchmarks.scheduler_sim --json            # rows as one JSON list on stdout
-    python -m benchmarks.scheduler_sim --calibrate       # re-time the CPU runner first
+    python -m benchmarks.simulator --json            # rows as one JSON list on stdout
+    python -m benchmarks.simulator --calibrate       # re-time the CPU runner first
 
-Workload (``sim_workload``): ``--dataset alpaca`` (default; real Mixtral answer lengths, the
+Workload (``workload``): ``--dataset alpaca`` (default; real Mixtral answer lengths, the
 output-length predictor trained on one part of the rows and the other part replayed), ``sharegpt``
 (the real ShareGPT first prompts with documented synthetic heavy-tailed answer lengths, and noisy
 oracle predictions at Kendall tau ``--prediction-tau``), or a PATH (``.jsonl`` like alpaca, ``.json``
@@ -16,13 +16,13 @@ Poisson arrivals; ``--priority-fraction`` of them (random) get user priority 0, 
 metrics are over all requests. Requests ask for as many tokens as fit in the context and end with
 EOS at their true length, so no policy but the oracle sees it.
 
-Machinery (``sim_replay``): the real ``Scheduler``, policies and ``KVManager`` stepped on a virtual
+Machinery (``replay``): the real ``Scheduler``, policies and ``KVManager`` stepped on a virtual
 clock. Step times: without ``--device``, calibrated from the real ``ModelRunner`` on the small CPU
-preset (``sim_calibration``; cached in ``benchmarks/results/scheduler_sim-calibration.json``), with
+preset (``calibration``; cached in ``benchmarks/results/scheduler_sim-calibration.json``), with
 the CPU engine's default page pool and ``--swap-space-gb`` of host swap. With ``--device`` (and
 ``--model``, ``--kv-cache-dtype``): the ``device_models`` cost model of each step on a *modelled*
 device (datasheet figures and assumed efficiencies, not a GPU run), the KV pool from the engine's
-memory plan (or ``--kv-gib``), 256 seats, 2048 tokens per step, 4096-token context (``sim_device``).
+memory plan (or ``--kv-gib``), 256 seats, 2048 tokens per step, 4096-token context (``device``).
 
 Capacity: the saturated throughput under fcfs with every request arriving at t=0: output tokens per
 second while requests are still queued (all seats or all KV pages busy), divided by the stream's
@@ -56,30 +56,27 @@ import time
 
 import numpy as np
 
-from benchmarks.provenance import git_state
-from benchmarks.sim_calibration import Geometry, StepTimes, calibrate
-from benchmarks.sim_replay import POLICIES, KVBudget, build_policy, simulate, summarize
-from benchmarks.sim_workload import (
+from benchmarks.provenance import RESULTS, git_state, output_dir
+from benchmarks.simulator.calibration import Geometry, StepTimes, calibrate
+from benchmarks.simulator.replay import POLICIES, KVBudget, build_policy, simulate, summarize
+from benchmarks.simulator.workload import (
     DEFAULT_PREDICTION_TAU,
     FixedLengths,
     HeavyTailedLengths,
     build_sim_requests,
     kendall_tau,
     load_prompt_rows,
-    load_rows,
     make_stream,
     noisy_predictions,
     predicted_table,
     split_rows,
     train_predictor,
 )
+from benchmarks.workload_files import ALPACA_EVAL, SHAREGPT
+from scalellm_jax.workloads import load_rows
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
-DATASETS = {"alpaca": DATA / "alpaca_eval_mixtral_8x7b_instruct.jsonl",
-            "sharegpt": DATA / "sharegpt_first_prompts.json"}
+DATASETS = {"alpaca": ALPACA_EVAL, "sharegpt": SHAREGPT}
 DEFAULT_DATA = DATASETS["alpaca"]
-RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_CALIBRATION = RESULTS / "scheduler_sim-calibration.json"
 DEFAULT_LOADS = (0.4, 0.6, 0.8, 1.0, 1.2, 1.4)
 DEFAULT_SWAP_SPACE_GB = 4.0  # EngineConfig.swap_space_gb default
@@ -137,7 +134,7 @@ def cpu_kv_budget(times: StepTimes, args) -> KVBudget:
 
 
 def device_step_times(args):
-    from benchmarks.sim_device import DEVICE_GEOMETRY, device_steps
+    from benchmarks.simulator.device import DEVICE_GEOMETRY, device_steps
 
     g = DEVICE_GEOMETRY
     geometry = Geometry(page_size=g.page_size, max_num_seqs=args.max_num_seqs or g.max_num_seqs,
@@ -153,7 +150,7 @@ def device_step_times(args):
 
 @dataclasses.dataclass
 class Setup:
-    times: object  # StepTimes (CPU calibration) or sim_device.DeviceSteps
+    times: object  # StepTimes (CPU calibration) or device.DeviceSteps
     budget: KVBudget
     replay: list
     predictions: np.ndarray
@@ -186,7 +183,7 @@ def prepare(args, say) -> Setup:
         tau = DEFAULT_PREDICTION_TAU if args.prediction_tau is None else args.prediction_tau
         rows = replay
     else:
-        rows = load_rows(path, tokenizer, max_prompt_len=g.max_model_len - 1)
+        rows = load_rows(path, tokenizer, max_prompt_len=g.max_model_len - 1, too_long="truncate")
         train, replay = split_rows(rows, args.train_fraction, args.seed)
         workload |= {"answer_lengths": "real (Mixtral tokens of each row's output)",
                      "num_train_rows": len(train)}
@@ -481,7 +478,7 @@ DEVICE_ONLY = ("model", "kv_cache_dtype", "kv_gib", "max_num_batched_tokens", "m
 def parse_args(argv):
     from device_models import DEVICES, MODELS
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scheduler_sim", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.simulator", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="alpaca",
                    help="alpaca | sharegpt | PATH (.jsonl with instruction/output, or a .json list of {prompt})")
     p.add_argument("--json", action="store_true", help="print the result rows as one JSON list")
@@ -520,7 +517,7 @@ def parse_args(argv):
     p.add_argument("--alise-config", type=_alise_overrides, default={},
                    help="AliseConfig fields to override for alise and oracle, e.g. aging_rate=0.5,overrun_factor=2")
     p.add_argument("--fast-predictor", action="store_true", help="predictor without MiniLM (tests)")
-    p.add_argument("--out", type=pathlib.Path, default=None, help="results JSON (default: results/ with a date)")
+    p.add_argument("--out", type=pathlib.Path, default=None, help="results JSON (default: benchmarks/runs/, dated)")
     p.add_argument("--plot", type=pathlib.Path, default=None, help="PNG path (default: next to --out)")
     args = p.parse_args(argv)
     bad = [x for x in args.policies if x not in POLICIES]
@@ -604,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     slo = slo_analysis(rows, capacity["capacity_rps"], slo_s, args.slo_factor, baseline)
     analysis = analyze(rows, capacity, slo)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or RESULTS / f"scheduler_sim-{stamp}.json"
+    out = args.out or output_dir() / f"scheduler_sim-{stamp}.json"
     plot_path = args.plot or out.with_suffix(".png")
     note = plot(rows, analysis, plot_path)
     if args.device:
@@ -613,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         step_model = {"kind": "CPU calibration of the small preset", "calibration": setup.times.to_json()}
     result = {
         "benchmark": "scheduler_sim", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git": git, "command": " ".join(["python -m benchmarks.scheduler_sim", *raw_argv]),
+        "git": git, "command": " ".join(["python -m benchmarks.simulator", *raw_argv]),
         "dataset": str(dataset_path(args.dataset)), "workload": setup.workload,
         "num_replay_rows": len(setup.replay), "num_requests": args.num_requests,
         "seeds": args.seeds, "seed": args.seed, "priority_fraction": args.priority_fraction,
@@ -636,7 +633,3 @@ def main(argv: list[str] | None = None) -> int:
     say(note or f"plot: {plot_path}")
     say(f"wrote {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

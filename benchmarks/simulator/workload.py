@@ -25,20 +25,20 @@ AlpacaEval, ``benchmarks/results/predictor-20261202-191437.json``).
 
 Every request asks for as many tokens as fit (``max_tokens`` = ``max_model_len`` − prompt, as a
 client that sets none gets) and does not ignore EOS: the simulated device samples EOS exactly when
-the request reaches its true length (``sim_replay``). So no policy sees the true length but the
+the request reaches its true length (``replay``). So no policy sees the true length but the
 oracle.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import numpy as np
 
 from scalellm_jax.engine.policies import OracleLengths
 from scalellm_jax.engine.request import Request, SamplingParams, clamp_max_tokens
+from scalellm_jax.workloads import WorkloadRow, fit_prompt, read_prompts
 
 SAMPLED_TOKEN = 11  # what the fake device samples before a request's last token: any id that is not EOS
 EOS_TOKEN = 2
@@ -67,43 +67,17 @@ class HeavyTailedLengths:
                 "seeded_by": "--seed"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    text: str
-    prompt_ids: tuple[int, ...]
-    output_len: int
-
-
-def load_rows(path: pathlib.Path, tokenizer, max_prompt_len: int | None = None) -> list[Row]:
-    """Rows of a JSONL file with ``instruction`` and ``output``; lengths in ``tokenizer`` tokens."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not isinstance(record.get("instruction"), str) or not isinstance(record.get("output"), str):
-                raise ValueError(f"{path}:{number}: needs string fields 'instruction' and 'output'")
-            ids = tokenizer.encode(record["instruction"])[:max_prompt_len]
-            output_len = max(1, len(tokenizer.encode(record["output"], add_bos=False)))
-            rows.append(Row(record["instruction"], tuple(ids), output_len))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
-
-
 def load_prompt_rows(path: pathlib.Path, tokenizer, lengths: HeavyTailedLengths, seed: int,
-                     max_prompt_len: int | None = None) -> list[Row]:
-    """Rows of a JSON list of ``{"prompt"}`` (ShareGPT first turns) with synthetic answer lengths."""
-    records = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
-    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str)
-                                                for r in records):
-        raise ValueError(f"{path}: needs a JSON list of objects with a string field 'prompt'")
-    if not records:
-        raise ValueError(f"{path}: no rows")
-    drawn = lengths.draw(len(records), seed)
-    return [Row(r["prompt"], tuple(tokenizer.encode(r["prompt"])[:max_prompt_len]), int(n))
-            for r, n in zip(records, drawn, strict=True)]
+                     max_prompt_len: int | None = None) -> list[WorkloadRow]:
+    """Rows of a JSON list of ``{"prompt"}`` (ShareGPT first turns) with synthetic answer lengths; prompts
+    over ``max_prompt_len`` tokens truncated, as ``load_rows(..., too_long="truncate")`` does."""
+    prompts = read_prompts(path)
+    drawn = lengths.draw(len(prompts), seed)
+    rows = []
+    for number, (prompt, n) in enumerate(zip(prompts, drawn, strict=True), 1):
+        ids, truncated = fit_prompt(tokenizer.encode(prompt), max_prompt_len, "truncate", f"{path}: row {number}")
+        rows.append(WorkloadRow(prompt, tuple(ids), int(n), truncated))
+    return rows
 
 
 def kendall_tau(a, b) -> float:
@@ -136,7 +110,8 @@ def noisy_predictions(true_lengths, tau: float, seed: int) -> tuple[np.ndarray, 
     return predictions, sigma, kendall_tau(predictions, log_true)
 
 
-def split_rows(rows: list[Row], train_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+def split_rows(rows: list[WorkloadRow], train_fraction: float,
+               seed: int) -> tuple[list[WorkloadRow], list[WorkloadRow]]:
     """A seeded random (train, replay) split; both parts non-empty."""
     order = np.random.default_rng(seed).permutation(len(rows))
     n_train = min(max(1, round(train_fraction * len(rows))), len(rows) - 1)
@@ -174,9 +149,9 @@ def make_stream(num_rows: int, num_requests: int, priority_fraction: float, seed
     return Stream(index, priority, arrivals - arrivals[0])
 
 
-def build_requests(stream: Stream, rows: list[Row], rate: float | None, max_model_len: int) -> list[Request]:
+def build_requests(stream: Stream, rows: list[WorkloadRow], rate: float | None, max_model_len: int) -> list[Request]:
     """Requests that run exactly their row's length by ``max_tokens`` and ``ignore_eos`` (the real-engine
-    check, ``scheduler_engine_check``, whose random-weight model never ends on its own). ``max_tokens``
+    check, ``engine_check``, whose random-weight model never ends on its own). ``max_tokens``
     tells every policy the true length: the simulator uses ``build_sim_requests`` instead."""
     arrivals = np.zeros(len(stream)) if rate is None else stream.unit_arrivals / rate
     requests = []
@@ -189,7 +164,7 @@ def build_requests(stream: Stream, rows: list[Row], rate: float | None, max_mode
     return requests
 
 
-def build_sim_requests(stream: Stream, rows: list[Row], rate: float | None, max_model_len: int,
+def build_sim_requests(stream: Stream, rows: list[WorkloadRow], rate: float | None, max_model_len: int,
                        id_prefix: str = "r") -> tuple[list[Request], dict[str, int]]:
     """Fresh ``Request`` objects for one run and their true output lengths by request id (what the
     simulated device ends them at); ``rate=None`` puts every arrival at t=0 (saturation). Request ids
@@ -231,7 +206,7 @@ def length_tables(requests: list[Request], stream: Stream, predictions: np.ndarr
                                                            for r in requests}
 
 
-def train_predictor(train: list[Row], fast: bool):
+def train_predictor(train: list[WorkloadRow], fast: bool):
     """The output-length predictor fitted on the training rows (``fast``: no MiniLM, for tests)."""
     from scalellm_jax.length_predictor.predictor import OutputLengthPredictor, PredictorConfig
 

@@ -1,7 +1,7 @@
 """Real-engine check of the scheduler simulator: fcfs vs alise through ``LLMEngine``, and the sim's forecast.
 
-    python -m benchmarks.scheduler_engine_check [--json] [--num-requests 64] [--load 0.9]
-    python -m benchmarks.scheduler_engine_check --simulate-device h200 --dataset sharegpt --kv-gib 8
+    python -m benchmarks.simulator.engine_check [--json] [--num-requests 64] [--load 0.9]
+    python -m benchmarks.simulator.engine_check --simulate-device h200 --dataset sharegpt --kv-gib 8
 
 On a simulated device (``--simulate-device``, with ``--model``, ``--dataset``, ``--kv-gib``,
 ``--kv-cache-dtype``, ``--prediction-tau``, ``--swap-space-gb`` as in ``scheduler_sim --device``):
@@ -50,35 +50,34 @@ import time
 
 import numpy as np
 
-from benchmarks import scheduler_sim as sim
 from benchmarks.engine_profile import StepProfile
-from benchmarks.provenance import git_state
-from benchmarks.sim_calibration import StepTimes
-from benchmarks.sim_replay import KVBudget, RunResult, summarize
-from benchmarks.sim_workload import (
+from benchmarks.provenance import git_state, output_dir
+from benchmarks.simulator import scheduler_sim as sim
+from benchmarks.simulator.calibration import StepTimes
+from benchmarks.simulator.replay import KVBudget, RunResult, summarize
+from benchmarks.simulator.workload import (
     FixedLengths,
-    Row,
     build_requests,
     build_sim_requests,
     length_tables,
-    load_rows,
     make_stream,
     predicted_table,
     split_rows,
 )
+from scalellm_jax.workloads import WorkloadRow, load_rows
 
 DEFAULTS = {"num_requests": 64, "max_num_seqs": 8, "max_num_batched_tokens": 256, "max_model_len": 512,
             "max_prompt_len": 128, "max_tokens": 256}
-DEVICE_DEFAULTS = {"num_requests": 300, "repeats": 2, "load": 1.0}  # geometry: scheduler_sim's (sim_device)
+DEVICE_DEFAULTS = {"num_requests": 300, "repeats": 2, "load": 1.0}  # geometry: scheduler_sim's (simulator.device)
 CPU_ONLY = ("max_prompt_len", "max_tokens", "length_scale", "clock", "calibration")
 DEVICE_ONLY = ("model", "kv_gib", "kv_cache_dtype", "prediction_tau", "swap_space_gb")
 
 
-def scaled_workload(args, tokenizer) -> tuple[list[Row], np.ndarray, float]:
+def scaled_workload(args, tokenizer) -> tuple[list[WorkloadRow], np.ndarray, float]:
     """Replay rows with scaled output lengths, their scaled predictions, and the predictor's fit time."""
-    from benchmarks.sim_workload import train_predictor
+    from benchmarks.simulator.workload import train_predictor
 
-    rows = load_rows(args.dataset, tokenizer, max_prompt_len=args.max_prompt_len)
+    rows = load_rows(args.dataset, tokenizer, max_prompt_len=args.max_prompt_len, too_long="truncate")
     train, replay = split_rows(rows, args.train_fraction, args.seed)
     start = time.perf_counter()
     predictions = train_predictor(train, fast=args.fast_predictor).predict_many([r.text for r in replay])
@@ -330,7 +329,7 @@ def ratios(rows: list[dict]) -> dict:
 def parse_args(argv):
     from device_models import DEVICES
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scheduler_engine_check",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.simulator.engine_check",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--simulate-device", choices=list(DEVICES), default=None,
                    help="serve on this simulated GPU with scheduler_sim --device's geometry and workload")
@@ -442,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     needed = [] if args.simulate_device else [args.dataset, args.calibration]
     for path in needed:
         if not path.is_file():
-            print(f"error: not found: {path} (run python -m benchmarks.scheduler_sim --calibrate first "
+            print(f"error: not found: {path} (run python -m benchmarks.simulator --calibrate first "
                   "for the calibration)", file=sys.stderr)
             return 2
     if args.simulate_device and not sim.dataset_path(args.dataset).is_file():
@@ -458,12 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "scheduler_engine_check",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git": git, "command": " ".join(["python -m benchmarks.scheduler_engine_check", *raw_argv]),
+        "git": git, "command": " ".join(["python -m benchmarks.simulator.engine_check", *raw_argv]),
         "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
         "alise_config": dataclasses.asdict(AliseConfig()), **part,
         "same_mean_latency_ordering": same["mean_latency_s"], "same_ordering": same,
     }
-    out = args.out or sim.RESULTS / f"scheduler_sim-engine-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or output_dir() / f"scheduler_sim-engine-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
