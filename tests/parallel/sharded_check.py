@@ -46,8 +46,8 @@ def main() -> None:
         "max_rel_err": float(np.abs(a - b).max() / np.abs(a).max()),
         "wq_shard_shape": list(wq.addressable_shards[0].data.shape),
         "w_gate_shard_shape": list(w_gate.addressable_shards[0].data.shape),
-        "kv_pool_shard_shape": list(parallel_llm.engine.runner.pools[0][0].addressable_shards[0].data.shape),
-        "kv_pool_shape": list(parallel_llm.engine.runner.pools[0][0].shape),
+        "kv_pool_shard_shape": list(parallel_llm.engine.runner.pools[0].k_pages.addressable_shards[0].data.shape),
+        "kv_pool_shape": list(parallel_llm.engine.runner.pools[0].k_pages.shape),
         "generate_equal": scalellm_jax.generate(single, prompts, 8) == scalellm_jax.generate(sharded, prompts, 8),
     }))
 
