@@ -299,8 +299,7 @@ def engine_programs(mesh, num_layers: int | None, buckets: list[tuple[bool, int,
     module = Mixtral(config, CausalAttention(config.sliding_window, 1.0), dtype)
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     params = jax.eval_shape(lambda t: module.init(jax.random.key(0), t, t), tokens)["params"]
-    pools = tuple(tuple(jax.ShapeDtypeStruct(shape, dt) for shape, dt in layer)
-                  for layer in pool_shapes(config, h200_kv_pages(), PAGE_SIZE, dtype, kv_cache_dtype))
+    pools = pool_shapes(config, h200_kv_pages(), PAGE_SIZE, dtype, kv_cache_dtype)
     history = history_shapes(MAX_NUM_SEQS, config.vocab_size)
     shapes = StepShapes(MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, MAX_MODEL_LEN // PAGE_SIZE)
     programs = []

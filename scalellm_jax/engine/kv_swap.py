@@ -27,18 +27,19 @@ import numpy as np
 
 from pallas_kernels.kv_cache import dequantize_int8, quantize_int8
 from scalellm_jax.engine.buckets import bucket_for
+from scalellm_jax.model.kv_pool import LayerKV
 
 logger = logging.getLogger(__name__)
 
 
 def _gather(pools, page_ids, *, compress: bool):
-    """Every layer's pools at ``page_ids`` (page axis 1), int8-compressed if asked."""
+    """Every layer's pools at ``page_ids`` (page axis 1), float pages int8-compressed if asked."""
     out = []
     for layer in pools:
-        taken = tuple(a[:, page_ids] for a in layer)
-        if compress and len(layer) == 2:
-            (kq, ks), (vq, vs) = (quantize_int8(a.astype(jnp.float32)) for a in taken)
-            taken = (kq, vq, ks, vs)
+        taken = jax.tree.map(lambda a: a[:, page_ids], layer)
+        if compress and not layer.quantized:
+            (kq, ks), (vq, vs) = (quantize_int8(a.astype(jnp.float32)) for a in (taken.k_pages, taken.v_pages))
+            taken = LayerKV(kq, vq, ks, vs)
         out.append(taken)
     return tuple(out)
 
@@ -47,11 +48,10 @@ def _scatter(pools, page_ids, data):
     """``pools`` with ``data`` (as produced by ``_gather``) written at ``page_ids``; ids past the pool are dropped."""
     out = []
     for layer, saved in zip(pools, data, strict=True):
-        if len(layer) == 2 and len(saved) == 4:  # compressed float pages
-            kq, vq, ks, vs = saved
-            saved = (dequantize_int8(kq, ks, layer[0].dtype), dequantize_int8(vq, vs, layer[1].dtype))
-        out.append(tuple(a.at[:, page_ids].set(s.astype(a.dtype), mode="drop")
-                         for a, s in zip(layer, saved, strict=True)))
+        if saved.quantized and not layer.quantized:  # compressed float pages
+            saved = LayerKV(dequantize_int8(saved.k_pages, saved.k_scales, layer.k_pages.dtype),
+                            dequantize_int8(saved.v_pages, saved.v_scales, layer.v_pages.dtype))
+        out.append(jax.tree.map(lambda a, s: a.at[:, page_ids].set(s.astype(a.dtype), mode="drop"), layer, saved))
     return tuple(out)
 
 
@@ -59,9 +59,9 @@ def page_bytes(pools, compress: bool) -> int:
     """Host bytes one swapped page takes, over all layers."""
     total = 0
     for layer in pools:
-        for a in layer:
+        for a in jax.tree.leaves(layer):
             per_page = a.size // a.shape[1] * a.dtype.itemsize
-            if compress and len(layer) == 2:  # int8 values plus a float32 scale per (head, token)
+            if compress and not layer.quantized:  # int8 values plus a float32 scale per (head, token)
                 per_page = a.size // a.shape[1] + a.size // a.shape[1] // a.shape[-1] * 4
             total += per_page
     return total
@@ -77,7 +77,8 @@ class KVSwapper:
         # partial: a distinct callable per swapper, so its jit cache (and compile count) is its own
         self._gather = jax.jit(functools.partial(_gather, compress=compress))
         self._scatter = jax.jit(functools.partial(_scatter), donate_argnums=(0,))
-        self._host: dict[str, tuple] = {}  # request id → numpy (or in-flight device) arrays per layer
+        # request id → (page count, per layer a LayerKV of numpy or in-flight device arrays)
+        self._host: dict[str, tuple] = {}
         self._in_flight: list[str] = []
         self.num_swap_outs = 0
         self.num_swap_ins = 0

@@ -97,15 +97,14 @@ class ModelRunner:
         return page_bytes(self.pools, compression == "int8")
 
     def _allocate_pools(self, kv_cache_dtype: str):
-        """Per-layer KV pools, sharded over KV heads on the tensor axis under a mesh (``kv_pool_spec``)."""
+        """A ``LayerKV`` per layer, its arrays sharded over KV heads on the tensor axis under a mesh
+        (``kv_pool_spec``)."""
         c = self.model.config
         mesh = self.model.mesh
         sharding = NamedSharding(mesh, kv_pool_spec(c.num_kv_heads, mesh)) if mesh is not None else None
         # zeros, never empty: unused pages must not hold NaN that could reach an output
-        return tuple(
-            tuple(jnp.zeros(shape, dtype, device=sharding) for shape, dtype in layer)
-            for layer in pool_shapes(c, self.num_pages, self.page_size, self.model.dtype, kv_cache_dtype)
-        )
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=sharding),
+                            pool_shapes(c, self.num_pages, self.page_size, self.model.dtype, kv_cache_dtype))
 
     def _allocate_history(self):
         """The logit controls' token history: one zeroed row per slot, replicated under a mesh."""

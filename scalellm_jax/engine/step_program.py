@@ -24,6 +24,7 @@ from scalellm_jax.engine.logit_controls import NO_SLOT, RowControls, apply_contr
 from scalellm_jax.engine.request import MAX_LOGPROBS
 from scalellm_jax.engine.sampling import logprobs_and_top, row_keys, sample, token_logprobs
 from scalellm_jax.model import Mixtral
+from scalellm_jax.model.kv_pool import LayerKV
 from scalellm_jax.model.paged import PagedAttention, PagedMeta
 
 # XLA:CPU hands dots to YNNPACK by default. On an x86 CPU with AVX2 but not AVX-512, against float32
@@ -250,11 +251,13 @@ def step_functions(config: ModelConfig, dtype, choices: PlatformChoices, *, mesh
     return functions
 
 
-def pool_shapes(config: ModelConfig, num_pages: int, page_size: int, dtype, kv_cache_dtype: str):
-    """Per layer, the ``(shape, dtype)`` of each KV pool array: K and V pages, and int8 scales."""
+def pool_shapes(config: ModelConfig, num_pages: int, page_size: int, dtype,
+                kv_cache_dtype: str) -> tuple[LayerKV, ...]:
+    """Per layer, a ``LayerKV`` of ``jax.ShapeDtypeStruct``: K and V pages, and int8 scales."""
     shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
     if kv_cache_dtype == "int8":
-        layer = ((shape, jnp.int8), (shape, jnp.int8), (shape[:3], jnp.float32), (shape[:3], jnp.float32))
+        pages, scales = jax.ShapeDtypeStruct(shape, jnp.int8), jax.ShapeDtypeStruct(shape[:3], jnp.float32)
+        layer = LayerKV(pages, pages, scales, scales)
     else:
-        layer = ((shape, dtype), (shape, dtype))
+        layer = LayerKV(jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct(shape, dtype))
     return tuple(layer for _ in range(config.num_layers))

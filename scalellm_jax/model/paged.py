@@ -1,8 +1,8 @@
 """Paged-KV attention backend for the serving engine.
 
 A step's tokens (prefill chunks of several sequences, decodes, or a mix) arrive flattened as one
-row: ``tokens``/``positions`` are ``[1, num_tokens]``. Each layer's cache is its pair of KV pools
-``[num_kv_heads, num_pages, page_size, head_dim]`` (plus int8 scales when quantized), which the
+row: ``tokens``/``positions`` are ``[1, num_tokens]``. Each layer's cache is a ``LayerKV``: its K and V
+pools ``[num_kv_heads, num_pages, page_size, head_dim]`` (plus int8 scales when quantized), which the
 backend scatters this step's keys/values into and then attends over through the page table.
 
 ``kernels`` picks the implementation: ``"pallas"`` (our GPU kernels) or ``"xla"`` (blockwise jnp
@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from pallas_kernels import xla
+from scalellm_jax.model.kv_pool import LayerKV
 from scalellm_jax.parallel import TENSOR
 
 
@@ -52,12 +53,6 @@ class PagedMeta(NamedTuple):
     cu_q_lens: jax.Array
 
 
-def _unpack(layer_cache):
-    """(k_pages, v_pages) or (k_pages, v_pages, k_scales, v_scales) → pages and the scale kwargs."""
-    scales = {"k_scales": layer_cache[2], "v_scales": layer_cache[3]} if len(layer_cache) == 4 else {}
-    return layer_cache[0], layer_cache[1], scales
-
-
 @dataclasses.dataclass(frozen=True)
 class PagedAttention:
     sliding_window: int | None
@@ -71,28 +66,27 @@ class PagedAttention:
         if self.kernels not in ("pallas", "xla"):
             raise ValueError(f"attention kernels must be 'pallas' or 'xla', got {self.kernels!r}")
 
-    def __call__(self, q, k, v, positions, layer_cache, meta: PagedMeta):
+    def __call__(self, q, k, v, positions, layer_cache: LayerKV, meta: PagedMeta):
         if self.mesh is None or self.mesh.shape.get(TENSOR, 1) == 1:
             return self._attend(q, k, v, layer_cache, meta)
         pool = kv_pool_spec(k.shape[2], self.mesh)
         heads = P(None, None, TENSOR) if pool == P(TENSOR) else P()  # [1, tokens, heads, head_dim]
-        cache_specs = tuple(pool for _ in layer_cache)
+        cache_specs = jax.tree.map(lambda _: pool, layer_cache)  # every pool array alike
         return jax.shard_map(
             self._attend, mesh=self.mesh, in_specs=(heads, heads, heads, cache_specs, P()),
             out_specs=(heads, cache_specs), check_vma=False,
         )(q, k, v, layer_cache, meta)
 
-    def _attend(self, q, k, v, layer_cache, meta: PagedMeta):
+    def _attend(self, q, k, v, layer_cache: LayerKV, meta: PagedMeta):
         lib = pallas_kernels if self.kernels == "pallas" else xla
         interpret = {"interpret": self.interpret}
-        k_pages, v_pages, scales = _unpack(layer_cache)
-        layer_cache = tuple(lib.write_kv(k_pages, v_pages, k[0], v[0], meta.slot_mapping, **scales, **interpret))
-        k_pages, v_pages, scales = _unpack(layer_cache)
-        common = dict(scale=self.scale, sliding_window=self.sliding_window, **scales, **interpret)
+        # write_kv returns (k_pages, v_pages[, k_scales, v_scales]): the LayerKV field order
+        layer_cache = LayerKV(*lib.write_kv(layer_cache.k_pages, layer_cache.v_pages, k[0], v[0], meta.slot_mapping,
+                                            **layer_cache.scale_kwargs(), **interpret))
+        common = dict(scale=self.scale, sliding_window=self.sliding_window, **layer_cache.scale_kwargs(), **interpret)
+        pages = (layer_cache.k_pages, layer_cache.v_pages)
         if self.decode_only:
-            out = lib.paged_decode_attention(q[0], k_pages, v_pages, meta.page_table, meta.kv_lengths, **common)
+            out = lib.paged_decode_attention(q[0], *pages, meta.page_table, meta.kv_lengths, **common)
         else:
-            out = lib.ragged_prefill_attention(
-                q[0], k_pages, v_pages, meta.page_table, meta.kv_lengths, meta.cu_q_lens, **common
-            )
+            out = lib.ragged_prefill_attention(q[0], *pages, meta.page_table, meta.kv_lengths, meta.cu_q_lens, **common)
         return out[None], layer_cache

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from scalellm_jax.engine.kv_swap import KVSwapper, page_bytes
+from scalellm_jax.model.kv_pool import LayerKV
 
 KVH, PAGES, PS, D, LAYERS = 2, 12, 4, 8, 2
 
@@ -14,16 +16,16 @@ KVH, PAGES, PS, D, LAYERS = 2, 12, 4, 8, 2
 def pools(rng, quantized=False, dtype=jnp.float32):
     def layer():
         if quantized:
-            return (jnp.asarray(rng.integers(-127, 128, (KVH, PAGES, PS, D)), jnp.int8),
-                    jnp.asarray(rng.integers(-127, 128, (KVH, PAGES, PS, D)), jnp.int8),
-                    jnp.asarray(rng.random((KVH, PAGES, PS)), jnp.float32),
-                    jnp.asarray(rng.random((KVH, PAGES, PS)), jnp.float32))
-        return tuple(jnp.asarray(rng.standard_normal((KVH, PAGES, PS, D)), dtype) for _ in range(2))
+            return LayerKV(jnp.asarray(rng.integers(-127, 128, (KVH, PAGES, PS, D)), jnp.int8),
+                           jnp.asarray(rng.integers(-127, 128, (KVH, PAGES, PS, D)), jnp.int8),
+                           jnp.asarray(rng.random((KVH, PAGES, PS)), jnp.float32),
+                           jnp.asarray(rng.random((KVH, PAGES, PS)), jnp.float32))
+        return LayerKV(*(jnp.asarray(rng.standard_normal((KVH, PAGES, PS, D)), dtype) for _ in range(2)))
     return tuple(layer() for _ in range(LAYERS))
 
 
 def snapshot(p):
-    return [[np.asarray(a, np.float32) for a in layer] for layer in p]
+    return [[np.asarray(a, np.float32) for a in jax.tree.leaves(layer)] for layer in p]
 
 
 @pytest.mark.parametrize("quantized, compress", [(False, False), (True, False), (True, True), (False, True)])
@@ -35,7 +37,7 @@ def test_swap_out_and_back_into_other_pages(quantized, compress):
     src, dst = (3, 7, 5), (9, 1, 10)
     swapper.swap_out(p, "r", src)
     swapper.finish_transfers()
-    p = tuple(tuple(a.at[:, list(src)].set(jnp.nan if a.dtype != jnp.int8 else 0) for a in layer) for layer in p)
+    p = jax.tree.map(lambda a: a.at[:, list(src)].set(jnp.nan if a.dtype != jnp.int8 else 0), p)
     p = swapper.swap_in(p, "r", dst)
     after = snapshot(p)
     untouched = [i for i in range(PAGES) if i not in src + dst]

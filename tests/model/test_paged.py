@@ -6,6 +6,7 @@ import pytest
 
 import scalellm_jax
 from scalellm_jax.config import ModelConfig
+from scalellm_jax.model.kv_pool import LayerKV
 from scalellm_jax.model.paged import PagedAttention, PagedMeta
 
 CONFIG = ModelConfig(
@@ -48,7 +49,7 @@ def test_chunked_prefill_and_decode_match_full_forward(kernels):
     page_tables = [list(physical[:per_seq]), list(physical[per_seq : 2 * per_seq])]
     shape = (CONFIG.num_kv_heads, num_pages, PAGE, CONFIG.head_dim)
     poison = jnp.full(shape, jnp.nan, jnp.float32)  # unused pages must never leak into outputs
-    pools = tuple((poison, poison) for _ in range(CONFIG.num_layers))
+    pools = tuple(LayerKV(poison, poison) for _ in range(CONFIG.num_layers))
     scale = CONFIG.head_dim**-0.5
     interpret = kernels == "pallas"
     mixed = PagedAttention(CONFIG.sliding_window, scale, kernels, decode_only=False, interpret=interpret)

@@ -37,6 +37,11 @@ def main() -> None:
     uncached = LLM(single, enable_prefix_caching=False, **options)
     prefix_tokens = [[o.token_ids for o in llm.generate(prompt_token_ids=batch, sampling_params=params)]
                      for llm in (uncached, parallel_llm) for batch in ([shared], prefixed)]
+    # int8 KV: each layer's pools carry scales, sharded over KV heads like the pages.
+    int8_llms = [LLM(m, kv_cache_dtype="int8", **options) for m in (single, sharded)]
+    int8_tokens = [[o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+                   for llm in int8_llms]
+    int8_pools = int8_llms[1].engine.runner.pools[0]
     print(json.dumps({
         "prefix_equal": prefix_tokens[:2] == prefix_tokens[2:],
         "prefix_hits": parallel_llm.engine.stats().prefix_cache_hits,
@@ -46,8 +51,10 @@ def main() -> None:
         "max_rel_err": float(np.abs(a - b).max() / np.abs(a).max()),
         "wq_shard_shape": list(wq.addressable_shards[0].data.shape),
         "w_gate_shard_shape": list(w_gate.addressable_shards[0].data.shape),
-        "kv_pool_shard_shape": list(parallel_llm.engine.runner.pools[0][0].addressable_shards[0].data.shape),
-        "kv_pool_shape": list(parallel_llm.engine.runner.pools[0][0].shape),
+        "kv_pool_shard_shape": list(parallel_llm.engine.runner.pools[0].k_pages.addressable_shards[0].data.shape),
+        "kv_pool_shape": list(parallel_llm.engine.runner.pools[0].k_pages.shape),
+        "int8_engine_equal": int8_tokens[0] == int8_tokens[1],
+        "int8_shard_shapes": [list(a.addressable_shards[0].data.shape) for a in jax.tree.leaves(int8_pools)],
         "generate_equal": scalellm_jax.generate(single, prompts, 8) == scalellm_jax.generate(sharded, prompts, 8),
     }))
 

@@ -49,6 +49,10 @@ def test_sharded_logits_and_generate_equal_single_device(make_hf_mixtral, ep, tp
     kv_shards = tp if kv_heads % tp == 0 else 1
     assert result["kv_pool_shape"][0] == kv_heads
     assert result["kv_pool_shard_shape"][0] == kv_heads // kv_shards
+    # int8 KV: pages and their scales split alike, and the same greedy tokens as on one device
+    assert result["int8_engine_equal"]
+    heads = kv_heads // kv_shards
+    assert result["int8_shard_shapes"] == [[heads, 64, 4, 4]] * 2 + [[heads, 64, 4]] * 2
 
 
 def test_impossible_splits_name_the_option():
