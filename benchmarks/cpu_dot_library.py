@@ -66,6 +66,8 @@ def kernels(config, repeats: int, reps: int) -> list[dict]:
 
 def decode_steps(config, repeats: int) -> list[dict]:
     from benchmarks.engine_profile import decode_step_ms
+    from scalellm_jax.config import EngineConfig
+    from scalellm_jax.engine.resolved import resolve
     from scalellm_jax.engine.runner import ModelRunner
     from scalellm_jax.engine.step_program import CPU_FEW_TOKEN_OPTIONS, CPU_FEW_TOKENS, PlatformChoices
     from scalellm_jax.loader import Model
@@ -73,8 +75,9 @@ def decode_steps(config, repeats: int) -> list[dict]:
     model = Model.random(config, seed=0, dtype="float32")
     base = PlatformChoices.for_platform("cpu", dtype=model.dtype)
     eigen = dataclasses.replace(base, few_token_options=CPU_FEW_TOKEN_OPTIONS, few_tokens=CPU_FEW_TOKENS)
-    runners = {name: ModelRunner(model, page_size=16, num_pages=2049, max_pages_per_seq=32, max_num_seqs=64,
-                                 max_num_batched_tokens=512, choices=choices)
+    resolved = resolve(EngineConfig(page_size=16, num_pages=2049, max_model_len=512, max_num_seqs=64,
+                                    max_num_batched_tokens=512), config, dtype=model.dtype, budget_bytes=None)
+    runners = {name: ModelRunner(model, resolved, choices=choices)
                for name, choices in (("ynnpack", dataclasses.replace(base, few_token_options=())), ("eigen", eigen))}
     rows = []
     for n, context in ((16, 100), (64, 100), (64, 300)):

@@ -14,6 +14,7 @@ propagation for the dense layers and is explicit only where it matters (shard_ma
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -100,16 +101,27 @@ def kv_head_shards(config: ModelConfig, tp: int) -> int:
 MESH_AXIS_OF = {"heads": TENSOR, "kv_heads": TENSOR, "ffn": TENSOR, "vocab": TENSOR, "experts": EXPERT}
 
 
-def weight_spec(weight: weights.Weight, config: ModelConfig, mesh: Mesh) -> P:
-    """The PartitionSpec of one declared weight: its ``sharded`` axes over their mesh axes."""
+def _mesh_axes(weight: weights.Weight, config: ModelConfig, tp: int) -> tuple[str | None, ...]:
+    """Per axis of ``weight``, the mesh axis it is split over (None: not split)."""
     def mesh_axis(axis: str) -> str | None:
         if axis not in weight.sharded:
             return None
-        if axis == "kv_heads" and kv_head_shards(config, mesh.shape[TENSOR]) != mesh.shape[TENSOR]:
+        if axis == "kv_heads" and kv_head_shards(config, tp) != tp:
             return None
         return MESH_AXIS_OF[axis]
 
-    return P(*(mesh_axis(a) for a in weight.axes))
+    return tuple(mesh_axis(a) for a in weight.axes)
+
+
+def weight_spec(weight: weights.Weight, config: ModelConfig, mesh: Mesh) -> P:
+    """The PartitionSpec of one declared weight: its ``sharded`` axes over their mesh axes."""
+    return P(*_mesh_axes(weight, config, mesh.shape[TENSOR]))
+
+
+def weight_shards(weight: weights.Weight, config: ModelConfig, tp: int, ep: int) -> int:
+    """How many parts one copy of ``weight`` is split into on an (``ep``, ``tp``) mesh."""
+    sizes = {TENSOR: tp, EXPERT: ep, None: 1}
+    return math.prod(sizes[axis] for axis in _mesh_axes(weight, config, tp))
 
 
 def module_specs(module: str, config: ModelConfig, mesh: Mesh) -> dict[str, P]:

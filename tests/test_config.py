@@ -80,3 +80,33 @@ def test_engine_options_the_model_cannot_take_fail_before_loading(monkeypatch):
         LLM("tiny", tensor_parallel_size=8, warmup=False)
     with pytest.raises(ConfigError, match="max_num_batched_tokens must be >= max_num_seqs"):
         EngineConfig(max_num_seqs=64, max_num_batched_tokens=32)
+
+
+def test_a_model_that_does_not_fit_the_device_fails_before_loading(monkeypatch):
+    from scalellm_jax import LLM
+    from scalellm_jax.engine import llm, resolved
+
+    monkeypatch.setattr(llm.Model, "random", lambda *a, **k: pytest.fail("planned after loading"))
+    monkeypatch.setattr(resolved, "device_budget_bytes", lambda device, utilization: 2**20)  # a 1 MiB device
+    with pytest.raises(ConfigError, match="the model does not fit"):
+        LLM("tiny", warmup=False)
+
+
+def test_the_engine_is_built_from_the_resolved_options():
+    from scalellm_jax.engine.engine import LLMEngine
+    from scalellm_jax.engine.resolved import resolve
+    from scalellm_jax.loader import Model
+
+    model = Model.random(preset("tiny"), seed=0, dtype="float32")
+    options = EngineConfig(page_size=8, num_pages=40, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32,
+                           swap_space_gb=0.001)
+    plan = resolve(options, model.config, dtype=model.dtype)
+    assert (plan.max_pages_per_seq, plan.num_pages, plan.swap_compression) == (32, 40, "none")
+    assert plan.num_host_pages == int(0.001 * 2**30) // plan.swap_page_bytes > 0
+    engine = LLMEngine(model, plan)
+    assert engine.resolved is plan and engine.runner.num_pages == engine.kv.num_pages == 40
+    assert engine.kv.num_host_pages == plan.num_host_pages
+    assert engine.scheduler.config.max_model_len == 256 and engine.runner.max_pages_per_seq == 32
+    assert plan.swap_page_bytes == engine.runner.swap_page_bytes("none")
+    with pytest.raises(ValueError, match="resolved for another model, dtype or mesh"):
+        LLMEngine(Model.random(preset("tiny"), seed=0, dtype="bfloat16"), plan)

@@ -215,18 +215,19 @@ def calibrate(geometry: Geometry, model_config, reps: int = 30, seed: int = 0, p
     """Build the small-preset runner for ``geometry`` on the default JAX device and time its steps."""
     import jax
 
+    from scalellm_jax.config import EngineConfig
+    from scalellm_jax.engine.resolved import resolve
     from scalellm_jax.engine.runner import ModelRunner
     from scalellm_jax.engine.step_program import PlatformChoices
     from scalellm_jax.loader import Model
 
     say = progress or (lambda *_: None)
     model = Model.random(model_config, seed=seed, dtype="float32")
-    runner = ModelRunner(
-        model, page_size=geometry.page_size, num_pages=geometry.cpu_num_pages,
-        max_pages_per_seq=geometry.max_pages_per_seq, max_num_seqs=geometry.max_num_seqs,
-        max_num_batched_tokens=geometry.max_num_batched_tokens, choices=PlatformChoices.for_platform("cpu"),
-        swap_compression="none",
-    )
+    engine = EngineConfig(page_size=geometry.page_size, num_pages=geometry.cpu_num_pages,
+                          max_model_len=geometry.max_model_len, max_num_seqs=geometry.max_num_seqs,
+                          max_num_batched_tokens=geometry.max_num_batched_tokens, swap_space_gb=1.0)
+    runner = ModelRunner(model, resolve(engine, model_config, dtype=model.dtype, budget_bytes=None),
+                         choices=PlatformChoices.for_platform("cpu"))
     full = geometry.max_num_seqs
     batches = {("decode", n): _build_batch(runner, True, n, [(1, BASE_CONTEXT)] * n)
                for n in runner.seq_buckets}

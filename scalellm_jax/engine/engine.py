@@ -15,9 +15,8 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from scalellm_jax.config import EngineConfig, check_fits_model
+from scalellm_jax.config import EngineConfig
 from scalellm_jax.engine.kv_manager import KVManager
-from scalellm_jax.engine.memory import device_budget_bytes, plan_memory
 from scalellm_jax.engine.policies import AliseConfig, LengthEstimates, make_policy
 from scalellm_jax.engine.request import (
     KVLocation,
@@ -27,8 +26,9 @@ from scalellm_jax.engine.request import (
     clamp_max_tokens,
     validate_prompt,
 )
+from scalellm_jax.engine.resolved import ResolvedConfig, resolve
 from scalellm_jax.engine.runner import ModelRunner
-from scalellm_jax.engine.scheduler import Scheduler, SchedulerConfig
+from scalellm_jax.engine.scheduler import Scheduler
 from scalellm_jax.engine.simulated_device import SimulatedDevice, SimulatedRunner
 from scalellm_jax.engine.step_costs import StepCostModel
 from scalellm_jax.engine.step_program import PlatformChoices
@@ -83,62 +83,39 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(
-        self, model: Model, config: EngineConfig | None = None, *, tokenizer=None, interpret: bool = False,
+        self, model: Model, config: EngineConfig | ResolvedConfig | None = None, *, tokenizer=None,
+        interpret: bool = False,
         lengths: LengthEstimates | None = None, simulated: SimulatedDevice | None = None,
     ):
-        """``lengths``: output-length estimates for the ``alise`` policy (default: the learned predictor).
+        """``config``: the engine options, or their ``resolve``d form (``LLM`` resolves them before loading).
+        ``lengths``: output-length estimates for the ``alise`` policy (default: the learned predictor).
         ``simulated``: run on a simulated device instead (``simulated_device``; ``model`` needs no params)."""
         self.model = model
         self.tokenizer = tokenizer  # optional: needed for stop strings and output text
-        self.config = config = config or EngineConfig()
         self.simulated = simulated
-        c = model.config
-        check_fits_model(config, c)
-        self.max_model_len = config.max_model_len or c.max_position_embeddings
-        max_pages_per_seq = -(-self.max_model_len // config.page_size)
-        if simulated is None:
-            mesh_shape = dict(model.mesh.shape) if model.mesh is not None else {}
-            tp, ep = mesh_shape.get("tensor", 1), mesh_shape.get("expert", 1)
-            budget = device_budget_bytes(jax.local_devices()[0], config.gpu_memory_utilization)
-        else:
+        resolved = self.resolved = self._resolve(model, config or EngineConfig(), simulated)
+        self.config = config = resolved.engine
+        self.max_model_len = resolved.max_model_len
+        self.memory_plan = resolved.memory
+        if simulated is not None:
             logger.warning("%s", simulated.describe())
-            tp, ep, budget = simulated.tp, simulated.ep, simulated.budget_bytes(config.gpu_memory_utilization)
-        self.memory_plan = plan_memory(c, config, dtype=model.dtype, tp=tp, ep=ep, budget_bytes=budget,
-                                       max_pages_per_seq=max_pages_per_seq)
         logger.info("%s", self.memory_plan.describe())
-        num_pages = self.memory_plan.num_pages
-        swap = config.swap_space_gb > 0
-        shape = dict(page_size=config.page_size, num_pages=num_pages, max_pages_per_seq=max_pages_per_seq,
-                     max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                     decode_buckets=config.decode_buckets, token_buckets=config.token_buckets,
-                     kv_cache_dtype=config.kv_cache_dtype, swap_compression=config.swap_compression if swap else None)
         if simulated is None:
             choices = PlatformChoices.for_platform(jax.default_backend(), config.attention_kernels, model.dtype)
-            self.runner = ModelRunner(model, choices=choices, interpret=interpret, **shape)
+            self.runner = ModelRunner(model, resolved, choices=choices, interpret=interpret)
             kernels = choices.kernels
         else:
-            self.runner = SimulatedRunner(simulated, vocab_size=c.vocab_size, eos_token_id=c.eos_token_id, **shape)
+            self.runner = SimulatedRunner(simulated, resolved)
             kernels = f"simulated {simulated.device}"
-        num_host_pages = int(config.swap_space_gb * 2**30) // self.runner.swap_page_bytes(config.swap_compression)
-        # int8-swapped KV comes back rounded: pages restored from it are never offered to other prompts
-        self.kv = KVManager(num_pages, config.page_size, max_pages_per_seq, num_host_pages=num_host_pages,
-                            enable_prefix_caching=config.enable_prefix_caching,
-                            exact_swap=config.swap_compression != "int8")
+        self.kv = KVManager.for_engine(resolved)
         self.step_costs = StepCostModel(decode_buckets=self.runner.seq_buckets)
         alise = AliseConfig(aging_rate=config.aging_rate)
         if config.scheduling_policy == "alise" and lengths is None:
             from scalellm_jax.engine.predicted_lengths import PredictedLengths  # loads the sentence encoder
 
             lengths = PredictedLengths.build(tokenizer, warm_start=config.length_predictor_data)
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=self.max_model_len,
-            ),
-            self.kv,
-            make_policy(config.scheduling_policy, lengths=lengths, costs=self.step_costs, alise=alise),
-        )
+        policy = make_policy(config.scheduling_policy, lengths=lengths, costs=self.step_costs, alise=alise)
+        self.scheduler = Scheduler.for_engine(resolved, self.kv, policy)
         self._seeds = np.random.default_rng(config.seed)
         self._pending: list[tuple[Request, int, bool]] = []  # step outputs still to build
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # per unfinished request with output text
@@ -146,8 +123,29 @@ class LLMEngine:
         self._ids = itertools.count()
         logger.info(
             "engine: %d KV pages of %d tokens, kernels=%s, max_model_len=%d, prefix caching %s",
-            num_pages, config.page_size, kernels, self.max_model_len, "on" if config.enable_prefix_caching else "off",
+            resolved.num_pages, config.page_size, kernels, self.max_model_len,
+            "on" if config.enable_prefix_caching else "off",
         )
+
+    @staticmethod
+    def _resolve(model: Model, config: EngineConfig | ResolvedConfig,
+                 simulated: SimulatedDevice | None) -> ResolvedConfig:
+        """``config`` as given when already resolved (for this model and mesh), else resolved now for them."""
+        if simulated is not None:
+            tp, ep = simulated.tp, simulated.ep
+        else:
+            mesh_shape = dict(model.mesh.shape) if model.mesh is not None else {}
+            tp, ep = mesh_shape.get("tensor", 1), mesh_shape.get("expert", 1)
+        if isinstance(config, ResolvedConfig):
+            if (config.model, config.dtype, config.tp, config.ep) != (model.config, np.dtype(model.dtype), tp, ep):
+                raise ValueError("config: resolved for another model, dtype or mesh than the one given")
+            return config
+        if simulated is None:
+            return resolve(config, model.config, dtype=model.dtype, tp=tp, ep=ep)
+        return resolve(config, model.config, dtype=model.dtype, tp=tp, ep=ep,
+                       budget_bytes=simulated.budget_bytes(config.gpu_memory_utilization),
+                       swap_page_bytes=simulated.swap_page_bytes(config.page_size, config.kv_cache_dtype,
+                                                                 config.swap_compression))
 
     def warmup(self, progress: bool = True) -> None:
         self.runner.warmup(progress)

@@ -35,8 +35,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # a host module: no JAX at import (the resolved config's module imports it)
+    from scalellm_jax.engine.resolved import ResolvedConfig
 
 NULL_PAGE = 0
 _UNCACHEABLE = -1  # a request whose KV is not exact (restored from a lossy swap): never cached
@@ -53,6 +57,13 @@ class KVManager:
     almost never has to preempt anyone. ``watermark == 0`` disables the reserve. Evictable cached
     pages count as free everywhere.
     """
+
+    @classmethod
+    def for_engine(cls, resolved: ResolvedConfig) -> KVManager:
+        """The engine's KV manager: its pool and host swap space as ``resolved`` sized them."""
+        return cls(resolved.num_pages, resolved.engine.page_size, resolved.max_pages_per_seq,
+                   num_host_pages=resolved.num_host_pages, enable_prefix_caching=resolved.engine.enable_prefix_caching,
+                   exact_swap=resolved.exact_swap)
 
     def __init__(self, num_pages: int, page_size: int, max_pages_per_seq: int, watermark: float = 0.01,
                  num_host_pages: int = 0, enable_prefix_caching: bool = False, exact_swap: bool = True):

@@ -12,8 +12,9 @@ from scalellm_jax.config import PRESETS, EngineConfig, preset
 from scalellm_jax.engine.engine import LLMEngine, RequestOutput
 from scalellm_jax.engine.memory import configure_allocator
 from scalellm_jax.engine.request import SamplingParams
+from scalellm_jax.engine.resolved import resolve
 from scalellm_jax.engine.simulated_device import SimulatedDevice, load_workload_lengths
-from scalellm_jax.loader import Model, check_options_against_model, load, model_config_of, read_model_config
+from scalellm_jax.loader import DTYPES, Model, dtype_name, load, model_config_of, read_model_config
 from scalellm_jax.parallel import ParallelConfig
 from scalellm_jax.tokenizer import load_tokenizer
 
@@ -44,14 +45,16 @@ class LLM:
             raise ValueError("simulate_lengths: only with simulate_device")
         configure_allocator(config.gpu_memory_utilization)  # before the first JAX call starts the backends
         parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, expert_parallel_size=expert_parallel_size)
-        if not isinstance(model, Model):
-            check_options_against_model(model_config_of(model), config, parallel)
         if isinstance(model, Model):
-            loaded, tokenizer_source = model, None
-        elif model in PRESETS:
-            loaded, tokenizer_source = Model.random(preset(model), seed=seed, dtype=dtype), None
+            loaded, tokenizer_source = model, None  # nothing to load: the engine resolves its options itself
         else:
-            loaded, tokenizer_source = load(model, dtype=dtype, parallel=parallel), model
+            # every option checked and the device's memory planned before a weight loads
+            config = resolve(config, model_config_of(model), dtype=DTYPES[dtype_name(dtype)],
+                             tp=parallel.tensor_parallel_size, ep=parallel.expert_parallel_size)
+            if model in PRESETS:
+                loaded, tokenizer_source = Model.random(preset(model), seed=seed, dtype=dtype), None
+            else:
+                loaded, tokenizer_source = load(model, dtype=dtype, parallel=parallel), model
         if parallel.num_devices > 1 and loaded.mesh is None:
             loaded = loaded.sharded(parallel)
         self.model = loaded

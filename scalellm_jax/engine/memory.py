@@ -21,7 +21,8 @@ import numpy as np
 
 from scalellm_jax.config import ConfigError, EngineConfig, ModelConfig
 from scalellm_jax.engine.logit_controls import history_bytes
-from scalellm_jax.parallel import kv_head_shards
+from scalellm_jax.parallel import kv_head_shards, weight_shards
+from scalellm_jax.weights import iter_weights
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +51,10 @@ class MemoryPlan:
 
 
 def weights_bytes_per_device(config: ModelConfig, itemsize: int, tp: int, ep: int) -> int:
-    """Bytes of parameters one device holds under the sharding rules of ``scalellm_jax.parallel``."""
-    c = config
-    attn = c.hidden_size * c.head_dim * (2 * c.num_heads / tp + 2 * c.num_kv_heads / kv_head_shards(c, tp))
-    experts = 3 * c.num_experts * c.hidden_size * c.intermediate_size / (tp * ep)
-    per_layer = attn + experts + c.hidden_size * c.num_experts + 2 * c.hidden_size
-    embed = c.vocab_size * c.hidden_size
-    head = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size / tp
-    return int(itemsize * (c.num_layers * per_layer + embed + head + c.hidden_size))
+    """Bytes of parameters one device holds: every declared weight (``scalellm_jax.weights``) divided by the
+    parts ``scalellm_jax.parallel`` splits it into."""
+    return itemsize * sum(math.prod(weight.shape(config)) // weight_shards(weight, config, tp, ep)
+                          for _, weight, _ in iter_weights(config))
 
 
 def page_bytes_per_device(config: ModelConfig, page_size: int, kv_itemsize: int, tp: int) -> int:

@@ -34,6 +34,7 @@ from scalellm_jax.engine.buckets import bucket_for, pow2_buckets
 from scalellm_jax.engine.history_slots import HistorySlots
 from scalellm_jax.engine.kv_swap import KVSwapper, page_bytes
 from scalellm_jax.engine.logit_controls import NO_SLOT, TokenHistory, history_shapes, write_rows
+from scalellm_jax.engine.resolved import ResolvedConfig
 from scalellm_jax.engine.scheduler import ScheduledRequest, SwapOp
 from scalellm_jax.engine.step_program import (
     PlatformChoices,
@@ -50,45 +51,31 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        model: Model,
-        *,
-        page_size: int,
-        num_pages: int,
-        max_pages_per_seq: int,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        choices: PlatformChoices,
-        decode_buckets: tuple[int, ...] | None = None,
-        token_buckets: tuple[int, ...] | None = None,
-        kv_cache_dtype: str = "auto",
-        swap_compression: str | None = None,
-        interpret: bool = False,
-    ):
-        """``swap_compression``: None disables host swap; "none" or "int8" enables it (see kv_swap).
-        ``decode_buckets`` / ``token_buckets``: the shape buckets to keep (None: all; see ``StepShapes``)."""
+    def __init__(self, model: Model, resolved: ResolvedConfig, *, choices: PlatformChoices, interpret: bool = False):
+        """Pools, shape buckets and swap from ``resolved`` (see ``resolved.resolve``); ``choices``: the platform's
+        kernels and step programs (``PlatformChoices.for_platform``)."""
+        config = resolved.engine
+        page_size, num_pages, max_pages_per_seq = config.page_size, resolved.num_pages, resolved.max_pages_per_seq
+        max_num_seqs, swap_compression = config.max_num_seqs, resolved.swap_compression
         c = model.config
         self.model = model
         self.page_size = page_size
         self.num_pages = num_pages
         self.max_pages_per_seq = max_pages_per_seq
         self.max_num_seqs = max_num_seqs
-        self.shapes = StepShapes(max_num_seqs, max_num_batched_tokens, max_pages_per_seq,
-                                 decode_sizes=decode_buckets, token_sizes=token_buckets)
+        self.shapes = StepShapes(max_num_seqs, config.max_num_batched_tokens, max_pages_per_seq,
+                                 decode_sizes=config.decode_buckets, token_sizes=config.token_buckets)
         self.token_buckets = self.shapes.token_buckets
         self.seq_buckets = self.shapes.seq_buckets
         self.choices = choices
         self._functions = step_functions(c, model.dtype, choices, mesh=model.mesh, interpret=interpret)
-        self.pools = self._allocate_pools(kv_cache_dtype)
+        self.pools = self._allocate_pools(config.kv_cache_dtype)
         self.slots = HistorySlots(max_num_seqs, c.vocab_size)
         self.history = self._allocate_history()
         # a partial of its own: jit shares one cache per function, and num_compilations counts this runner's
         self._write_rows = jax.jit(functools.partial(write_rows), donate_argnums=(0,))
         self.swapper = None
         if swap_compression is not None:
-            if swap_compression not in ("none", "int8"):
-                raise ValueError(f"swap_compression must be 'none' or 'int8', got {swap_compression!r}")
             self.swapper = KVSwapper(num_pages, pow2_buckets(1, max_pages_per_seq),
                                      compress=swap_compression == "int8")
 

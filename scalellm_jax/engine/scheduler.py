@@ -24,10 +24,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from scalellm_jax.engine.kv_manager import KVManager
 from scalellm_jax.engine.policies import Policy
 from scalellm_jax.engine.request import KVLocation, Request, RequestStatus
+
+if TYPE_CHECKING:  # a host module: no JAX at import (the resolved config's module imports it)
+    from scalellm_jax.engine.resolved import ResolvedConfig
 
 _DEFERRED = -1  # _admit: wait a step for a prefix page a running request is computing
 
@@ -114,6 +118,14 @@ class Scheduler:
     host swap pages to swapped-out ones. Every exit frees both, which keeps the "all pages free
     when everything finished" invariant.
     """
+
+    @classmethod
+    def for_engine(cls, resolved: ResolvedConfig, kv: KVManager, policy: Policy) -> Scheduler:
+        """The engine's scheduler: its limits from ``resolved``."""
+        config = SchedulerConfig(max_num_seqs=resolved.engine.max_num_seqs,
+                                 max_num_batched_tokens=resolved.engine.max_num_batched_tokens,
+                                 max_model_len=resolved.max_model_len)
+        return cls(config, kv, policy)
 
     def __init__(self, config: SchedulerConfig, kv: KVManager, policy: Policy,
                  clock: Callable[[], float] = time.monotonic):

@@ -32,6 +32,7 @@ import numpy as np
 from device_models import DeviceCostModel, ModelShape, StepWork, device_profile
 from scalellm_jax.engine.buckets import bucket_for
 from scalellm_jax.engine.memory import page_bytes_per_device
+from scalellm_jax.engine.resolved import ResolvedConfig
 from scalellm_jax.engine.scheduler import ScheduledRequest, SwapOp
 from scalellm_jax.engine.step_program import TOP_LOGPROBS, StepOutput, StepShapes
 from scalellm_jax.workloads import WorkloadError, load_rows
@@ -67,6 +68,14 @@ class SimulatedDevice:
 
     def budget_bytes(self, utilization: float) -> int:
         return int(utilization * self.profile.memory_bytes)
+
+    def kv_itemsize(self, kv_cache_dtype: str) -> int:
+        return 1 if kv_cache_dtype == "int8" else self.itemsize
+
+    def swap_page_bytes(self, page_size: int, kv_cache_dtype: str, compression: str) -> int:
+        """Host bytes of one swapped page (every device's shard of it) under ``compression``."""
+        itemsize = 1 if compression == "int8" else self.kv_itemsize(kv_cache_dtype)
+        return self.tp * page_bytes_per_device(self.model_config, page_size, itemsize, self.tp)
 
     def cost_model(self, kv_itemsize: int) -> DeviceCostModel:
         return DeviceCostModel(self.profile, ModelShape.of(self.model_config), itemsize=self.itemsize,
@@ -114,23 +123,19 @@ class _DeviceResult:
 class SimulatedRunner:
     """``ModelRunner``'s interface over a simulated device (see the module docstring)."""
 
-    def __init__(self, device: SimulatedDevice, *, page_size: int, num_pages: int, max_pages_per_seq: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, vocab_size: int, eos_token_id: int | None,
-                 decode_buckets=None, token_buckets=None, kv_cache_dtype: str = "auto",
-                 swap_compression: str | None = None):
+    def __init__(self, device: SimulatedDevice, resolved: ResolvedConfig):
+        config = resolved.engine
         self.device = device
-        self.page_size, self.num_pages = page_size, num_pages
-        self.max_pages_per_seq, self.max_num_seqs = max_pages_per_seq, max_num_seqs
-        self.shapes = StepShapes(max_num_seqs, max_num_batched_tokens, max_pages_per_seq,
-                                 decode_sizes=decode_buckets, token_sizes=token_buckets)
+        self.page_size, self.num_pages = config.page_size, resolved.num_pages
+        self.max_pages_per_seq, self.max_num_seqs = resolved.max_pages_per_seq, config.max_num_seqs
+        self.shapes = StepShapes(config.max_num_seqs, config.max_num_batched_tokens, resolved.max_pages_per_seq,
+                                 decode_sizes=config.decode_buckets, token_sizes=config.token_buckets)
         self.seq_buckets, self.token_buckets = self.shapes.seq_buckets, self.shapes.token_buckets
-        kv_itemsize = 1 if kv_cache_dtype == "int8" else device.itemsize
-        self.cost = device.cost_model(kv_itemsize)
-        self._page_bytes = {  # host bytes of one swapped page (every device's shard of it)
-            compression: device.tp * page_bytes_per_device(
-                device.model_config, page_size, 1 if compression == "int8" else kv_itemsize, device.tp)
-            for compression in ("none", "int8")}
-        self.swap_compression = swap_compression
+        self.cost = device.cost_model(device.kv_itemsize(config.kv_cache_dtype))
+        self._page_bytes = {compression: device.swap_page_bytes(config.page_size, config.kv_cache_dtype, compression)
+                            for compression in ("none", "int8")}
+        self.swap_compression = resolved.swap_compression
+        eos_token_id, vocab_size = resolved.model.eos_token_id, resolved.model.vocab_size
         self._eos = eos_token_id
         self._low = FIRST_RANDOM_ID if vocab_size > 2 * FIRST_RANDOM_ID else 0
         self._vocab = vocab_size

@@ -140,6 +140,9 @@ def test_clamp_max_tokens():
 def test_host_modules_do_not_import_jax(module):
     """The host side must stay testable and importable without JAX (ARCHITECTURE.md, host-side rules)."""
     tree = ast.parse((ENGINE / f"{module}.py").read_text())
+    for node in ast.walk(tree):  # imports for type annotations only never run
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            node.body = []
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

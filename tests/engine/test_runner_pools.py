@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import scalellm_jax
-from scalellm_jax.config import ModelConfig
+from scalellm_jax.config import EngineConfig, ModelConfig
 from scalellm_jax.engine.memory import page_bytes_per_device
+from scalellm_jax.engine.resolved import resolve
 from scalellm_jax.engine.runner import ModelRunner
 from scalellm_jax.engine.scheduler import SwapOp
 from scalellm_jax.engine.step_program import PlatformChoices
@@ -28,9 +29,13 @@ def model():
 
 
 def runner(model, kv_cache_dtype, swap_compression):
-    return ModelRunner(model, page_size=PAGE, num_pages=PAGES, max_pages_per_seq=4, max_num_seqs=2,
-                       max_num_batched_tokens=16, choices=PlatformChoices.for_platform("cpu"), decode_buckets=(2,),
-                       token_buckets=(16,), kv_cache_dtype=kv_cache_dtype, swap_compression=swap_compression)
+    engine = EngineConfig(page_size=PAGE, num_pages=PAGES, max_model_len=4 * PAGE, max_num_seqs=2,
+                          max_num_batched_tokens=16, decode_buckets=(2,), token_buckets=(16,),
+                          kv_cache_dtype=kv_cache_dtype, swap_space_gb=0.0 if swap_compression is None else 1.0,
+                          swap_compression=swap_compression or "none")
+    resolved = resolve(engine, CONFIG, dtype=model.dtype, budget_bytes=None)
+    assert resolved.max_pages_per_seq == 4
+    return ModelRunner(model, resolved, choices=PlatformChoices.for_platform("cpu"))
 
 
 @pytest.mark.parametrize("kv_cache_dtype, swap_compression", [("auto", "none"), ("auto", "int8"), ("int8", "none")])

@@ -21,6 +21,7 @@ from scalellm_jax.checkpoints.hf_layout import FUSED, LEGACY, expected_hf_shapes
 from scalellm_jax.checkpoints.orbax_io import read_converted
 from scalellm_jax.checkpoints.safetensors_io import CheckpointError, HFCheckpoint
 from scalellm_jax.config import ModelConfig
+from scalellm_jax.engine.memory import weights_bytes_per_device
 from scalellm_jax.loader import load
 from scalellm_jax.model import CausalAttention, Mixtral
 from scalellm_jax.parallel import EXPERT, TENSOR, param_specs
@@ -60,7 +61,11 @@ def test_the_table_is_the_model_s_parameter_tree():
     assert ("lm_head", "kernel") not in weights.param_shapes(tied)
 
 
-def test_a_new_weight_reaches_init_and_sharding(with_q_bias):
+def test_a_new_weight_reaches_init_sharding_and_the_memory_plan(monkeypatch):
+    without = weights_bytes_per_device(CONFIG, 4, tp=2, ep=1)
+    monkeypatch.setattr(weights, "WEIGHTS", weights.WEIGHTS + (Q_BIAS,))
+    # float32, split over the heads on tensor=2: half of each layer's [heads, head_dim] bias per device
+    assert weights_bytes_per_device(CONFIG, 4, tp=2, ep=1) - without == CONFIG.num_layers * 4 * 8 * 4 // 2
     params = flat(init_params(CONFIG))
     for layer in range(CONFIG.num_layers):
         bias = params[(f"layers_{layer}", "attn", "bq")]
