@@ -141,7 +141,8 @@ def load(path: str | Path, dtype: str | Any = "bfloat16", parallel=None) -> Mode
     from scalellm_jax.checkpoints.hf_layout import get_path, iter_params_from_hf
     from scalellm_jax.checkpoints.orbax_io import is_converted, read_converted
     from scalellm_jax.checkpoints.safetensors_io import HFCheckpoint
-    from scalellm_jax.parallel import build_mesh, param_shardings, put_global
+    from scalellm_jax.parallel import build_mesh, pad_for_mesh, param_shardings, placed_shape, put_global
+    from scalellm_jax.weights import iter_weights
 
     name = dtype_name(dtype)
     path = Path(path)
@@ -154,13 +155,26 @@ def load(path: str | Path, dtype: str | Any = "bfloat16", parallel=None) -> Mode
         parallel.check(config)
         mesh = build_mesh(parallel)
         shardings = param_shardings(config, mesh)
+    declared = {p: weight for p, weight, _ in iter_weights(config)}
+    # weights padded on this mesh (parallel.placed_shape) are read whole, then padded and placed
+    padded = {p for p, weight in declared.items() if mesh is not None and
+              placed_shape(weight, config, mesh) != weight.shape(config)}
+
+    def place(p, array):
+        return put_global(pad_for_mesh(array, declared[p], config, mesh), get_path(shardings, p))
+
     if converted:
-        _, params = read_converted(path, dtype=name, shardings=shardings)
+        direct = shardings if not padded else _nest({p: None if p in padded else get_path(shardings, p)
+                                                     for p in declared})
+        _, params = read_converted(path, dtype=name, shardings=direct)
+        for p in padded:
+            parent = get_path(params, p[:-1])
+            parent[p[-1]] = place(p, np.asarray(parent[p[-1]]))
         return Model(config, params, name, mesh)
     checkpoint = HFCheckpoint(path)
     flat = {}
     for p, array in iter_params_from_hf(checkpoint, config, dtype=name):
-        flat[p] = put_global(array, get_path(shardings, p)) if shardings is not None else jnp.asarray(array)
+        flat[p] = place(p, array) if shardings is not None else jnp.asarray(array)
     logger.info("loaded %d tensors from %s", len(flat), path)
     return Model(config, _nest(flat), name, mesh)
 

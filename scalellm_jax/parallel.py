@@ -44,20 +44,30 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.expert_parallel_size
 
     def check(self, config: ModelConfig) -> None:
-        """Raise ``ConfigError`` naming the option when the model cannot be split this way."""
+        """Raise ``ConfigError`` naming the option, the dimension it cannot split, that dimension's size, the mesh
+        axis, and the sizes that would work, when the model cannot be split this way. (The vocabulary is padded
+        instead: see ``weights.Weight.padded``.)"""
         tp, ep = self.tensor_parallel_size, self.expert_parallel_size
-        if config.num_kv_heads % tp and tp % config.num_kv_heads:
-            raise ConfigError(
-                f"tensor_parallel_size {tp} must divide num_kv_heads ({config.num_kv_heads}) or be a multiple of it"
-            )
-        if config.num_heads % tp:
-            raise ConfigError(f"tensor_parallel_size {tp} must divide num_heads ({config.num_heads})")
-        if config.intermediate_size % tp:
-            raise ConfigError(
-                f"tensor_parallel_size {tp} must divide intermediate_size ({config.intermediate_size})"
-            )
+        tensor_error = _tensor_split_error(config, tp)
+        if tensor_error:
+            works = [t for t in range(1, config.num_heads + 1) if not _tensor_split_error(config, t)]
+            raise ConfigError(f"tensor_parallel_size {tp} {tensor_error} (split over the tensor axis); "
+                              f"tensor_parallel_size that work: {', '.join(map(str, works))}")
         if config.num_experts % ep:
-            raise ConfigError(f"expert_parallel_size {ep} must divide num_experts ({config.num_experts})")
+            works = [e for e in range(1, config.num_experts + 1) if config.num_experts % e == 0]
+            raise ConfigError(f"expert_parallel_size {ep} must divide num_experts ({config.num_experts}) (split over "
+                              f"the expert axis); expert_parallel_size that work: {', '.join(map(str, works))}")
+
+
+def _tensor_split_error(config: ModelConfig, tp: int) -> str | None:
+    """Why the tensor axis cannot be ``tp`` devices wide for this model, or None."""
+    if config.num_kv_heads % tp and tp % config.num_kv_heads:
+        return f"must divide num_kv_heads ({config.num_kv_heads}) or be a multiple of it"
+    if config.num_heads % tp:
+        return f"must divide num_heads ({config.num_heads})"
+    if config.intermediate_size % tp:
+        return f"must divide intermediate_size ({config.intermediate_size})"
+    return None
 
 
 def build_mesh(parallel: ParallelConfig, devices: list | None = None) -> Mesh:
@@ -118,6 +128,25 @@ def weight_spec(weight: weights.Weight, config: ModelConfig, mesh: Mesh) -> P:
     return P(*_mesh_axes(weight, config, mesh.shape[TENSOR]))
 
 
+def placed_shape(weight: weights.Weight, config: ModelConfig, mesh: Mesh | None) -> tuple[int, ...]:
+    """``weight``'s shape on ``mesh``: its padded axes rounded up to a multiple of their mesh axis."""
+    shape = weight.shape(config)
+    if mesh is None or not weight.padded:
+        return shape
+    axes = _mesh_axes(weight, config, mesh.shape[TENSOR])
+    return tuple(-(-size // mesh.shape[axis]) * mesh.shape[axis] if name in weight.padded and axis else size
+                 for name, size, axis in zip(weight.axes, shape, axes, strict=True))
+
+
+def pad_for_mesh(value: Any, weight: weights.Weight, config: ModelConfig, mesh: Mesh | None) -> Any:
+    """``value`` (a weight as stored) zero-padded to :func:`placed_shape` (itself when nothing is padded)."""
+    target = placed_shape(weight, config, mesh)
+    if tuple(value.shape) == target:
+        return value
+    host = np.asarray(value)
+    return np.pad(host, [(0, t - n) for n, t in zip(host.shape, target, strict=True)])
+
+
 def weight_shards(weight: weights.Weight, config: ModelConfig, tp: int, ep: int) -> int:
     """How many parts one copy of ``weight`` is split into on an (``ep``, ``tp``) mesh."""
     sizes = {TENSOR: tp, EXPERT: ep, None: 1}
@@ -161,8 +190,17 @@ def put_global(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
 
 
 def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
-    """Place ``params`` on the mesh (each device receives only its shard)."""
+    """Place ``params`` on the mesh (each device receives only its shard; padded weights padded first)."""
     shardings = param_shardings(config, mesh)
+    padded = {}
+    for path, weight, _ in weights.iter_weights(config):
+        node = params
+        for key in path:
+            node = node[key]
+        target = padded
+        for key in path[:-1]:
+            target = target.setdefault(key, {})
+        target[path[-1]] = pad_for_mesh(node, weight, config, mesh)
     if not mesh.is_multi_process:
-        return jax.device_put(params, shardings)  # one batched transfer
-    return jax.tree.map(put_global, params, shardings)
+        return jax.device_put(padded, shardings)  # one batched transfer
+    return jax.tree.map(put_global, padded, shardings)

@@ -62,6 +62,9 @@ class Weight:
     hf: HFTensor  # the per-expert ("legacy") layout, which save_pretrained writes and export writes
     hf_fused: HFTensor | None = None  # transformers 5's in-memory layout, where it names the tensor differently
     sharded: tuple[str, ...] = ()  # axes split over the mesh (parallel.MESH_AXIS_OF says onto which mesh axis)
+    # sharded axes zero-padded up to a multiple of their mesh axis when it does not divide them; the padding is
+    # never read (padded logits are cut off before anything sees them) and never saved
+    padded: tuple[str, ...] = ()
     init: str = "normal"
     per_layer: bool = True  # one per decoder layer (path layers_{i}/module/name), else once per model
     present: Callable[[ModelConfig], bool] | None = None  # None: always
@@ -70,6 +73,8 @@ class Weight:
         unknown = [a for a in self.axes + self.sharded if a not in AXIS_SIZES]
         if unknown:
             raise ValueError(f"{self.module}/{self.name}: unknown axis {unknown[0]!r}; known: {', '.join(AXIS_SIZES)}")
+        if not set(self.padded) <= set(self.sharded):
+            raise ValueError(f"{self.module}/{self.name}: padded axes {self.padded} must be sharded axes")
         if self.init not in INITIALIZERS:
             raise ValueError(f"{self.module}/{self.name}: init must be one of {INITIALIZERS}, got {self.init!r}")
         for hf in (self.hf, self.hf_fused):
@@ -153,7 +158,7 @@ WEIGHTS: tuple[Weight, ...] = (
     Weight("final_norm", "scale", ("hidden",), HFTensor("model.norm.weight", (("hidden",),)), init="ones",
            per_layer=False),
     Weight("lm_head", "kernel", ("hidden", "vocab"), HFTensor("lm_head.weight", (("vocab",), ("hidden",))),
-           sharded=("vocab",), per_layer=False, present=_untied),
+           sharded=("vocab",), padded=("vocab",), per_layer=False, present=_untied),
 )
 
 

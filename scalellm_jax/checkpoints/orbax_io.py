@@ -193,7 +193,7 @@ def read_converted(
 
     ``dtype``: None keeps the stored dtype, otherwise orbax casts while loading.
     ``shardings``: None (default device), one ``jax.sharding.Sharding`` for every param, or a
-    pytree matching params with one Sharding per leaf.
+    pytree matching params with one Sharding (or None: the default device) per leaf.
     """
     path = Path(path)
     cfg, _ = read_config(path)
@@ -208,7 +208,7 @@ def read_converted(
         elif isinstance(shardings, jax.sharding.Sharding):
             sharding = shardings
         else:
-            sharding = get_path(shardings, p)
+            sharding = get_path(shardings, p) or default
         leaf_abstract = jax.ShapeDtypeStruct(tuple(leaf.shape), target or leaf.dtype, sharding=sharding)
         node = abstract
         for key in p[:-1]:

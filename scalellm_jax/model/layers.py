@@ -10,17 +10,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import Mesh
 
 from scalellm_jax import weights
 from scalellm_jax.config import ModelConfig
+from scalellm_jax.parallel import placed_shape
 
 _INITIALIZERS = {"normal": nn.initializers.normal(0.02), "ones": nn.initializers.ones, "zeros": nn.initializers.zeros}
 
 
-def declared_params(module: nn.Module, config: ModelConfig, dtype) -> dict[str, jax.Array]:
-    """Create (or fetch) every parameter ``scalellm_jax.weights`` declares for ``module`` (by its scope name)."""
+def declared_params(module: nn.Module, config: ModelConfig, dtype, mesh: Mesh | None = None) -> dict[str, jax.Array]:
+    """Create (or fetch) every parameter ``scalellm_jax.weights`` declares for ``module`` (by its scope name), in
+    its shape on ``mesh`` (padded axes padded: ``parallel.placed_shape``)."""
     return {
-        w.name: module.param(w.name, _INITIALIZERS[w.init], w.shape(config), dtype)
+        w.name: module.param(w.name, _INITIALIZERS[w.init], placed_shape(w, config, mesh), dtype)
         for w in weights.weights_of(module.name, config)
     }
 

@@ -26,10 +26,11 @@ class DeclaredParams(nn.Module):
 
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
+    mesh: Mesh | None = None  # the shapes on this mesh (the LM head's vocabulary padded to divide it)
 
     @nn.compact
     def __call__(self) -> dict[str, jax.Array]:
-        return declared_params(self, self.config, self.dtype)
+        return declared_params(self, self.config, self.dtype, self.mesh)
 
 
 class DecoderLayer(nn.Module):
@@ -65,7 +66,7 @@ class Mixtral(nn.Module):
         ]
         self.final_norm = RMSNorm(c, self.dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = DeclaredParams(c, self.dtype)
+            self.lm_head = DeclaredParams(c, self.dtype, self.mesh)
 
     def __call__(
         self,
@@ -108,4 +109,6 @@ class Mixtral(nn.Module):
         else:
             kernel = self.lm_head()["kernel"]
             logits = jax.lax.dot_general(rows, kernel, (((rows.ndim - 1,), (0,)), ((), ())))
+            if kernel.shape[1] != self.config.vocab_size:  # padded to divide the tensor axis: never sampled
+                logits = logits[..., : self.config.vocab_size]
         return logits[:1] if single else logits

@@ -55,6 +55,22 @@ def test_sharded_logits_and_generate_equal_single_device(make_hf_mixtral, ep, tp
     assert result["int8_shard_shapes"] == [[heads, 64, 4, 4]] * 2 + [[heads, 64, 4]] * 2
 
 
+@pytest.mark.slow
+def test_a_vocabulary_that_does_not_divide_the_tensor_axis_is_padded(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name("awkward_shapes_check.py")), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    assert result["logits_shape"] == [3, 9, 300]  # the padded columns never come out
+    assert all(err < 1e-5 for err in result["max_rel_err"].values()), result["max_rel_err"]
+    assert result["lm_head_shape"] == [32, 304] and result["lm_head_shard_shape"] == [32, 38]
+    assert result["padding_is_zero"]
+    assert result["engine_equal"]
+
+
 def test_impossible_splits_name_the_option():
     config = preset("tiny")  # 4 heads, 2 kv heads, 4 experts
     with pytest.raises(ConfigError, match="expert_parallel_size 8"):
@@ -63,3 +79,12 @@ def test_impossible_splits_name_the_option():
         ParallelConfig(tensor_parallel_size=8).check(config)
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         ParallelConfig(tensor_parallel_size=0)
+    # one line: the option, the dimension and its size, the mesh axis, and what would work
+    wide = config.replace(num_heads=12, num_kv_heads=4, intermediate_size=96, head_dim=8)
+    with pytest.raises(ConfigError) as refused:
+        ParallelConfig(tensor_parallel_size=3).check(wide)
+    assert str(refused.value) == ("tensor_parallel_size 3 must divide num_kv_heads (4) or be a multiple of it "
+                                  "(split over the tensor axis); tensor_parallel_size that work: 1, 2, 4, 12")
+    with pytest.raises(ConfigError, match=r"expert_parallel_size 3 must divide num_experts \(4\) \(split over the "
+                                          r"expert axis\); expert_parallel_size that work: 1, 2, 4"):
+        ParallelConfig(expert_parallel_size=3).check(config)
