@@ -143,6 +143,8 @@ def test_declarations_are_checked():
         weights.Weight("attn", "bq", ("heds",), weights.HFTensor("x", (("heds",),)))
     with pytest.raises(ValueError, match="do not cover"):
         weights.Weight("attn", "bq", ("heads", "head_dim"), weights.HFTensor("x", (("heads",),)))
+    with pytest.raises(ValueError, match="padded axes .* must be sharded axes"):
+        weights.Weight("attn", "bq", ("heads",), weights.HFTensor("x", (("heads",),)), padded=("heads",))
     with pytest.raises(ValueError, match="declared twice"):
         weights.check_table(weights.WEIGHTS + (weights.find("attn", "wq"),))
     with pytest.raises(ValueError, match="both per layer and per model"):
