@@ -9,8 +9,9 @@ import numpy as np
 from tqdm import tqdm
 
 from scalellm_jax.config import PRESETS, EngineConfig, preset
-from scalellm_jax.engine.engine import LLMEngine, RequestOutput
+from scalellm_jax.engine.engine import LLMEngine
 from scalellm_jax.engine.memory import configure_allocator
+from scalellm_jax.engine.outputs import RequestOutput
 from scalellm_jax.engine.request import SamplingParams
 from scalellm_jax.engine.simulated_device import SimulatedDevice, load_workload_lengths
 from scalellm_jax.loader import Model, check_options_against_model, load, model_config_of, read_model_config
