@@ -94,6 +94,7 @@ class LLM:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             prompt_token_ids = [self.tokenizer.encode(p) for p in prompts]
         prompt_token_ids = [list(p) for p in prompt_token_ids]
+        texts = prompts if prompts is not None else [None] * len(prompt_token_ids)
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
             params = [sampling_params or SamplingParams()] * len(prompt_token_ids)
         else:
@@ -102,9 +103,9 @@ class LLM:
                 raise ValueError(f"sampling_params: got {len(params)} for {len(prompt_token_ids)} prompts")
         engine = self.engine
         order: list[str] = []
-        for i, (ids, p) in enumerate(zip(prompt_token_ids, params, strict=True)):
+        for i, (ids, p, text) in enumerate(zip(prompt_token_ids, params, texts, strict=True)):
             try:
-                order.append(engine.add_request(ids, p))
+                order.append(engine.add_request(ids, p, prompt_text=text))
             except ValueError as exc:  # the bad prompt is rejected untouched; undo the ones before it
                 for rid in order:
                     engine.abort(rid)
