@@ -6,10 +6,17 @@ request, with one ``loop.call_soon_threadsafe`` per step and event loop (not per
 call wakes the loop through its self-pipe). Validation runs on the caller's side before anything
 is queued, so bad input raises ``ValueError`` at once.
 
+What crosses the thread boundary is plain data (``boundary``): the engine thread turns each request
+into an ``EngineRequest`` and sends back ``RequestDelta``s, only what is new per step; each stream folds
+them into whole outputs on the caller's side (``OutputAccumulator``), or hands them on as they are
+(``deltas=True``, what a streamed HTTP response sends). Moving the engine into its own process would
+change this transport, not the engine or its callers.
+
 A prompt may also be a zero-argument callable that returns the token ids: the engine thread calls
 it when it takes the request in, so tokenization needs no hop to a worker thread. Under load such a
 hop waits on the GIL and the OS scheduler for milliseconds at 64 streams, far longer than tokenizing a
-short prompt takes (tens of microseconds).
+short prompt takes (tens of microseconds). (With the engine in another process, the caller's side
+would call it before sending the request.)
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from scalellm_jax.engine.engine import EngineStats, LLMEngine, RequestOutput
-from scalellm_jax.engine.request import RequestStatus, SamplingParams
+from scalellm_jax.engine.boundary import EngineInfo, EngineRequest, EngineStats, RequestDelta
+from scalellm_jax.engine.engine import LLMEngine
+from scalellm_jax.engine.outputs import OutputAccumulator, RequestOutput
+from scalellm_jax.engine.request import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +58,9 @@ class _Add:
     prompt: Prompt
     params: SamplingParams
     priority: int
+    prompt_text: str | None
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
-    submit_time: float
-    queue_time: float | None = None  # engine thread: set when first seen scheduled
-    sent_first: bool = False
 
 
 @dataclass
@@ -70,8 +77,8 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._inbox: queue.Queue = queue.Queue()
+        self.info: EngineInfo = engine.info  # immutable: any thread may read it
         self._streams: dict[str, _Add] = {}  # engine-thread only
-        self._queued: dict[str, _Add] = {}  # engine-thread only: added, not yet scheduled
         self._ids = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -96,49 +103,61 @@ class AsyncEngine:
         request_id: str | None = None,
         priority: int = 0,
         coalesce: bool = False,
-    ) -> AsyncIterator[RequestOutput]:
+        prompt_text: str | None = None,
+        deltas: bool = False,
+    ) -> AsyncIterator[RequestOutput] | AsyncIterator[RequestDelta]:
         """Queue a request; returns an async iterator of its outputs (the last has ``finished``).
 
         ``prompt``: token ids, or a zero-argument callable returning them, which runs on the engine
-        thread (keep it short: the engine steps after it). Raises ``ValueError`` immediately for
-        token ids the engine can never serve; a callable's ``ValueError`` (or the check of the ids
-        it returns) arrives from the iterator instead. Leaving the iteration early (client
-        disconnect) aborts the request. Later failures arrive as
-        exceptions from the iterator: ``ValueError`` (a limit only the engine thread checks),
-        ``RequestFailedError`` or ``EngineDeadError``. With ``coalesce`` a consumer that fell
-        behind gets only the newest of the outputs waiting for it (outputs are cumulative).
-        A stream that is never iterated is not aborted by closing it: call ``abort`` instead.
+        thread (keep it short: the engine steps after it). ``prompt_text``: the text those ids were
+        tokenized from, if the caller has it (the length predictor reads it). Raises ``ValueError``
+        immediately for token ids the engine can never serve; a callable's ``ValueError`` (or the
+        check of the ids it returns) arrives from the iterator instead. Leaving the iteration early
+        (client disconnect) aborts the request. Later failures arrive as exceptions from the
+        iterator: ``ValueError`` (a limit only the engine thread checks), ``RequestFailedError`` or
+        ``EngineDeadError``. A stream that is never iterated is not aborted by closing it: call
+        ``abort`` instead.
+
+        The iterator yields whole outputs (``RequestOutput``, whose lists keep growing with later
+        outputs), the first with ``queue_time``; with ``deltas`` it yields the engine's
+        ``RequestDelta``s instead, only what is new each time. With ``coalesce`` a consumer that fell
+        behind gets what arrived meanwhile as one item.
         """
         if self._error is not None:
             raise EngineDeadError(f"engine stopped: {self._error!r}")
         params = sampling_params or SamplingParams()
         if not callable(prompt):
-            self.engine.check_request(prompt, params)  # pure checks against immutable config
+            self.info.check_request(prompt, params)
             prompt = list(prompt)
         if request_id is None:
             with self._lock:
                 self._ids += 1
                 request_id = f"async-{self._ids}"
         outputs: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(_Add(request_id, prompt, params, priority, asyncio.get_running_loop(), outputs,
-                             time.monotonic()))
-        return self._stream(request_id, outputs, coalesce)
+        submit_time = time.monotonic()
+        self._inbox.put(_Add(request_id, prompt, params, priority, prompt_text, asyncio.get_running_loop(), outputs))
+        accumulator = None if deltas else OutputAccumulator(request_id, submit_time)
+        return self._stream(request_id, outputs, coalesce, accumulator)
 
-    async def _stream(self, request_id: str, outputs: asyncio.Queue, coalesce: bool) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, request_id: str, outputs: asyncio.Queue, coalesce: bool,
+                      accumulator: OutputAccumulator | None) -> AsyncIterator[RequestOutput | RequestDelta]:
         finished = False
         try:
             while True:
-                item = await outputs.get()
-                while coalesce and isinstance(item, RequestOutput) and not item.finished and not outputs.empty():
+                delta = await outputs.get()
+                while True:
+                    if isinstance(delta, BaseException):
+                        finished = True  # the engine side already dropped this request
+                        raise delta
+                    if accumulator is not None:
+                        accumulator.add(delta)
+                    if not coalesce or delta.finished or outputs.empty():
+                        break
                     newer = outputs.get_nowait()
-                    if isinstance(newer, RequestOutput) and newer.queue_time is None:
-                        newer.queue_time = item.queue_time
-                    item = newer
-                if isinstance(item, BaseException):
-                    finished = True  # the engine side already dropped this request
-                    raise item
-                finished = item.finished
-                yield item
+                    merge = accumulator is None and not isinstance(newer, BaseException)
+                    delta = delta.merged(newer) if merge else newer  # an accumulator folds it next
+                finished = delta.finished
+                yield delta if accumulator is None else accumulator.output()
                 if finished:
                     return
         finally:
@@ -165,9 +184,7 @@ class AsyncEngine:
             while not self._stopping.is_set():
                 self._drain_inbox(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
-                    start = time.monotonic()
-                    self.engine.step(on_outputs=self._deliver)  # delivered before the device wait
-                    self._mark_scheduled(start)
+                    self.engine.step_deltas(on_deltas=self._deliver)  # delivered before the device wait
                 self.stats = self.engine.stats()
         except BaseException as exc:  # deliver the failure to every waiting client, never hang them
             logger.exception("engine thread failed")
@@ -194,17 +211,16 @@ class AsyncEngine:
                 self.engine.abort(request_id)
                 _send(stream, item.error)
             self._streams.clear()
-            self._queued.clear()
             return
         if isinstance(item, _Abort):
-            out = self.engine.abort(item.request_id)
-            self._queued.pop(item.request_id, None)
-            if out is not None:
-                self._deliver([out])
+            delta = self.engine.abort(item.request_id)
+            if delta is not None:
+                self._deliver([delta])
             return
         try:
             prompt = item.prompt() if callable(item.prompt) else item.prompt
-            self.engine.add_request(prompt, item.params, request_id=item.request_id, priority=item.priority)
+            self.engine.add(EngineRequest(item.request_id, tuple(prompt), item.params, prompt_text=item.prompt_text,
+                                          priority=item.priority))
         except ValueError as exc:  # e.g. a duplicate id, a KV limit, a prompt too long: fail this request only
             _send(item, exc)
             return
@@ -213,30 +229,16 @@ class AsyncEngine:
             _send(item, RequestFailedError(f"the engine failed this request: {exc!r}"))
             return
         self._streams[item.request_id] = item
-        self._queued[item.request_id] = item
 
-    def _mark_scheduled(self, step_start: float) -> None:
-        """Record the queue time of requests the step just scheduled for the first time."""
-        get = self.engine.scheduler.get
-        for request_id, stream in list(self._queued.items()):
-            request = get(request_id)
-            if request is None or request.status is not RequestStatus.WAITING:
-                stream.queue_time = max(0.0, step_start - stream.submit_time)
-                del self._queued[request_id]
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(self, deltas: list[RequestDelta]) -> None:
         batches: dict[asyncio.AbstractEventLoop, list] = {}
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
             if stream is None:
                 continue
-            if out.finished:
-                del self._streams[out.request_id]
-                self._queued.pop(out.request_id, None)
-            if not stream.sent_first:
-                stream.sent_first = True
-                out.queue_time = stream.queue_time
-            batches.setdefault(stream.loop, []).append((stream.outputs, out))
+            if delta.finished:
+                del self._streams[delta.request_id]
+            batches.setdefault(stream.loop, []).append((stream.outputs, delta))
         for loop, items in batches.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)

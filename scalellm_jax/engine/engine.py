@@ -2,6 +2,9 @@
 
 Requests join at the next ``step`` and leave the step they finish; every step is one jitted call
 on a bucketed batch and one device→host transfer of the sampled token ids and their logprobs.
+What goes in and out is plain data (``boundary``): ``EngineRequest`` in, per step one
+``RequestDelta`` per request with new tokens out (``step_deltas``), and ``info`` describes the
+engine; ``step`` folds the deltas into whole outputs for callers that want those.
 """
 
 from __future__ import annotations
@@ -16,16 +19,12 @@ import jax
 import numpy as np
 
 from scalellm_jax.config import EngineConfig
+from scalellm_jax.engine.boundary import EngineInfo, EngineRequest, EngineStats, RequestDelta
+from scalellm_jax.engine.delta_builder import DeltaBuilder
 from scalellm_jax.engine.kv_manager import KVManager
+from scalellm_jax.engine.outputs import OutputAccumulator, RequestOutput
 from scalellm_jax.engine.policies import AliseConfig, LengthEstimates, make_policy
-from scalellm_jax.engine.request import (
-    KVLocation,
-    Request,
-    RequestStatus,
-    SamplingParams,
-    clamp_max_tokens,
-    validate_prompt,
-)
+from scalellm_jax.engine.request import KVLocation, Request, RequestStatus, SamplingParams, clamp_max_tokens
 from scalellm_jax.engine.resolved import ResolvedConfig, resolve
 from scalellm_jax.engine.runner import ModelRunner
 from scalellm_jax.engine.scheduler import Scheduler
@@ -33,52 +32,10 @@ from scalellm_jax.engine.simulated_device import SimulatedDevice, SimulatedRunne
 from scalellm_jax.engine.step_costs import StepCostModel
 from scalellm_jax.engine.step_program import PlatformChoices
 from scalellm_jax.loader import Model
-from scalellm_jax.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 
-@dataclasses.dataclass
-class RequestOutput:
-    """A request's state after a step: all output tokens so far, and whether it finished.
-
-    ``text`` only ever grows from one output to the next (while unfinished it holds back the
-    tail a stop string could still claim), so a streaming client can send ``text[len(sent):]``.
-    ``queue_time`` (seconds from submission until first scheduled) is set by ``AsyncEngine`` on a
-    request's first output.
-    """
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    logprobs: list[float] | None
-    finished: bool
-    finish_reason: str | None
-    text: str = ""
-    queue_time: float | None = None
-    # per output token, its top_logprobs most likely tokens [(id, logprob)], best first (when asked)
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    # per prompt token: None for the first, then (its logprob, [(id, logprob)] of the prompt_logprobs most
-    # likely); the request's own list, complete once the first output token exists (when asked)
-    prompt_logprobs: list | None = None
-    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (at first admission)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int  # new and preempted
-    num_swapped: int  # preempted, with their KV in host swap space
-    kv_cache_usage: float  # fraction of the usable KV pages in use
-    num_preemptions: int  # since start
-    kv_pages_in_use: int = 0  # usable KV pages held by requests (0 once every request ended)
-    kv_pages_cached: int = 0  # pages in the prefix cache, held or not (those not held are reclaimable)
-    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache at admission, since start
-    prefix_cache_hits: int = 0  # of those, tokens found cached (their prefill skipped)
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        """Fraction of looked-up tokens found in the prefix cache (0 before any lookup)."""
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+__all__ = ["EngineStats", "LLMEngine", "RequestOutput"]  # the first and last: importable from here, as before
 
 
 class LLMEngine:
@@ -91,7 +48,7 @@ class LLMEngine:
         ``lengths``: output-length estimates for the ``alise`` policy (default: the learned predictor).
         ``simulated``: run on a simulated device instead (``simulated_device``; ``model`` needs no params)."""
         self.model = model
-        self.tokenizer = tokenizer  # optional: needed for stop strings and output text
+        self._deltas = DeltaBuilder(tokenizer, self._finish)  # new tokens, logprobs and text per step
         self.simulated = simulated
         resolved = self.resolved = self._resolve(model, config or EngineConfig(), simulated)
         self.config = config = resolved.engine
@@ -116,9 +73,14 @@ class LLMEngine:
             lengths = PredictedLengths.build(tokenizer, warm_start=config.length_predictor_data)
         policy = make_policy(config.scheduling_policy, lengths=lengths, costs=self.step_costs, alise=alise)
         self.scheduler = Scheduler.for_engine(resolved, self.kv, policy)
+        self.info = EngineInfo(
+            max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len, vocab_size=resolved.model.vocab_size,
+            page_size=config.page_size, has_tokenizer=tokenizer is not None, eos_token_id=resolved.model.eos_token_id,
+            simulated_device=simulated.device if simulated is not None else None,
+        )
         self._seeds = np.random.default_rng(config.seed)
-        self._pending: list[tuple[Request, int, bool]] = []  # step outputs still to build
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # per unfinished request with output text
+        self._pending: list[tuple[Request, int, bool]] = []  # step deltas still to build
+        self._accumulators: dict[str, OutputAccumulator] = {}  # ``step``'s whole outputs, per unfinished request
         self._finished_preemptions = 0  # preemptions of requests no longer in the scheduler
         self._ids = itertools.count()
         logger.info(
@@ -147,6 +109,15 @@ class LLMEngine:
                        swap_page_bytes=simulated.swap_page_bytes(config.page_size, config.kv_cache_dtype,
                                                                  config.swap_compression))
 
+    @property
+    def tokenizer(self):
+        """Optional: needed for stop strings and output text (the detokenizers use it)."""
+        return self._deltas.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self._deltas.tokenizer = tokenizer
+
     def warmup(self, progress: bool = True) -> None:
         self.runner.warmup(progress)
 
@@ -160,37 +131,44 @@ class LLMEngine:
         request_id: str | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
+        prompt_text: str | None = None,
     ) -> str:
+        """Validate and queue a request (see ``add``); returns its id (``req-N`` unless given)."""
+        return self.add(EngineRequest(
+            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
+            prompt_token_ids=tuple(prompt_token_ids), sampling_params=sampling_params or SamplingParams(),
+            prompt_text=prompt_text, priority=priority, arrival_time=arrival_time,
+        ))
+
+    def add(self, new: EngineRequest) -> str:
         """Validate and queue a request; ``ValueError`` (naming the field) leaves the engine untouched."""
-        params = sampling_params or SamplingParams()
-        self.check_request(prompt_token_ids, params)
-        params = clamp_max_tokens(params, len(prompt_token_ids), self.max_model_len)
+        params = new.sampling_params
+        self.info.check_request(new.prompt_token_ids, params)
+        params = clamp_max_tokens(params, len(new.prompt_token_ids), self.max_model_len)
         if params.seed is None:
             params = dataclasses.replace(params, seed=int(self._seeds.integers(2**32)))
         request = Request(
-            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
-            prompt_token_ids=list(prompt_token_ids),
+            request_id=new.request_id,
+            prompt_token_ids=list(new.prompt_token_ids),
             sampling_params=params,
-            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-            priority=priority,
+            arrival_time=time.monotonic() if new.arrival_time is None else new.arrival_time,
+            priority=new.priority,
             eos_token_id=self.model.config.eos_token_id,
+            prompt_text=new.prompt_text,
         )
         self.scheduler.add_request(request)
+        self._deltas.start(request.request_id)
         return request.request_id
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ``ValueError`` naming the field if this request can never be served."""
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop: stop strings need an engine with a tokenizer")
-        vocab = self.model.config.vocab_size
-        outside = [token for token, _ in params.logit_bias if token >= vocab]
-        if outside:
-            raise ValueError(f"logit_bias: token {outside[0]} is outside the vocabulary [0, {vocab})")
-        validate_prompt(prompt_token_ids, self.max_model_len, vocab)
+        self.info.check_request(prompt_token_ids, params)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str) -> RequestDelta | None:
+        """End a request; its final delta (None if it is not in the engine any more)."""
+        self._accumulators.pop(request_id, None)
         request = self._finish(request_id, RequestStatus.FINISHED_ABORTED)
-        return None if request is None else self._output(request)
+        return None if request is None else self._delta(request)
 
     def _finish(self, request_id: str, status: RequestStatus) -> Request | None:
         """End a request outside the step's own bookkeeping (abort, stop string, failure)."""
@@ -205,32 +183,59 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
 
     def step(self, on_outputs: Callable[[list[RequestOutput]], None] | None = None) -> list[RequestOutput]:
-        """Run one step; returns outputs for the requests that got a token or finished.
+        """``step_deltas``, folded into whole outputs: one per request that got a token or finished.
 
-        Outputs trail the device by one step: step N's outputs (detokenization, stop strings, the
-        output objects) are built in the call that runs step N+1, while the device computes it.
-        A request stopped by a stop string in step N may already be in step N+1's batch; that
-        extra work is discarded (``update`` skips finished requests).
-
-        ``on_outputs``, if given, receives those outputs as soon as they are built, before this
-        call waits for the device, and the call returns ``[]``. A server uses it so that a client
-        sees a finished request (and can send its next one) a device step earlier, in time for
-        the next step's schedule.
+        The outputs' lists keep growing with later steps (``OutputAccumulator``): a step costs the new
+        tokens only. ``on_outputs`` works as ``step_deltas``'s ``on_deltas``. Use either this or
+        ``step_deltas`` on one engine, not both.
         """
+        if on_outputs is None:
+            return self._accumulate(self.step_deltas())
+        self.step_deltas(on_deltas=lambda deltas: on_outputs(self._accumulate(deltas)))
+        return []
+
+    def _accumulate(self, deltas: list[RequestDelta]) -> list[RequestOutput]:
+        outputs = []
+        accumulators = self._accumulators
+        for delta in deltas:
+            accumulator = accumulators.get(delta.request_id)
+            if accumulator is None:
+                accumulator = accumulators[delta.request_id] = OutputAccumulator(delta.request_id)
+            accumulator.add(delta)
+            outputs.append(accumulator.output())
+            if delta.finished:
+                del accumulators[delta.request_id]
+        return outputs
+
+    def step_deltas(self, on_deltas: Callable[[list[RequestDelta]], None] | None = None) -> list[RequestDelta]:
+        """Run one step; returns a delta for each request that got a token or finished.
+
+        Deltas trail the device by one step: step N's (detokenization, stop strings, the delta
+        objects) are built in the call that runs step N+1, while the device computes it. A request
+        stopped by a stop string in step N may already be in step N+1's batch; that extra work is
+        discarded (``update`` skips finished requests).
+
+        ``on_deltas``, if given, receives those deltas as soon as they are built, before this call
+        waits for the device, and the call returns ``[]``. A server uses it so that a client sees a
+        finished request (and can send its next one) a device step earlier, in time for the next
+        step's schedule.
+        """
+        now = time.monotonic()
         plan = self.scheduler.schedule()
+        self._deltas.scheduled(plan.scheduled, now)
         self.runner.swap(plan.swap_out, plan.swap_in)  # preempted KV out to host, resumed KV back in
         dispatched = None
         start = time.perf_counter()
         if plan.scheduled:
             dispatched = self.runner.execute(self.runner.prepare(plan.scheduled, self.kv))
         self.runner.finish_swaps()  # swap-outs land in host memory while the device runs the step
-        outputs = self._emit_pending()  # host work for step N-1, overlapping the device's step N
-        if on_outputs is not None:
-            if outputs:
-                on_outputs(outputs)
-            outputs = []
+        deltas = self._emit_pending()  # host work for step N-1, overlapping the device's step N
+        if on_deltas is not None:
+            if deltas:
+                on_deltas(deltas)
+            deltas = []
         if dispatched is None:
-            return outputs
+            return deltas
         tokens, logprobs = np.asarray(dispatched.tokens), np.asarray(dispatched.logprobs)  # the step's transfer
         decode_rows = sum(1 for s in plan.scheduled if s.num_new_tokens == 1)
         self.step_costs.observe(prefill_tokens=plan.num_batched_tokens - decode_rows, decode_rows=decode_rows,
@@ -248,67 +253,23 @@ class LLMEngine:
             for s in plan.scheduled
             if s.request_id in finished or (s.needs_sample and s.request.status is RequestStatus.RUNNING)
         ]
-        return outputs
+        return deltas
 
-    def _emit_pending(self) -> list[RequestOutput]:
+    def _emit_pending(self) -> list[RequestDelta]:
         pending, self._pending = self._pending, []
-        outputs = []
+        deltas = []
         for request, num_tokens, finished in pending:
             if not finished and request.status.is_finished:
-                continue  # aborted since: its final output was already reported
-            outputs.append(self._output(request, num_tokens))
-        return outputs
+                continue  # aborted since: its final delta was already reported
+            deltas.append(self._delta(request, num_tokens))
+        return deltas
 
-    def _output(self, request: Request, num_tokens: int | None = None) -> RequestOutput:
-        """The output for ``request`` as of its first ``num_tokens`` output tokens (default: all)."""
-        token_ids = request.output_token_ids[:num_tokens]
-        text = ""
-        if self.tokenizer is not None:
-            try:
-                text = self._text(request, token_ids)
-            except Exception:  # a detokenizer failure fails this request, not the engine
-                logger.exception("detokenizing %s failed", request.request_id)
-                self._detokenizers.pop(request.request_id, None)
-                self._finish(request.request_id, RequestStatus.FINISHED_ERROR)
-                request.status = RequestStatus.FINISHED_ERROR
-        if request.status.is_finished:
+    def _delta(self, request: Request, num_tokens: int | None = None) -> RequestDelta:
+        """``request``'s delta as of its first ``num_tokens`` output tokens (default: all)."""
+        delta = self._deltas.delta(request, num_tokens)
+        if delta.finished:
             self._finished_preemptions += request.num_preemptions
-        params = request.sampling_params
-        logprobs = request.output_logprobs[:num_tokens] if params.logprobs else None
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            token_ids=list(token_ids),
-            logprobs=logprobs,
-            top_logprobs=request.output_top_logprobs[:num_tokens] if params.top_logprobs else None,
-            prompt_logprobs=request.prompt_logprobs,
-            finished=request.status.is_finished,
-            finish_reason=request.finish_reason,
-            text=text,
-            num_cached_tokens=request.num_cached_tokens,
-        )
-
-    def _text(self, request: Request, token_ids: list[int]) -> str:
-        """Feed the request's new tokens to its detokenizer; a completed stop string finishes it."""
-        detok = self._detokenizers.get(request.request_id)
-        params = request.sampling_params
-        if detok is None:
-            detok = IncrementalDetokenizer(self.tokenizer, params.stop, include_stop=params.include_stop_str_in_output,
-                                           skip_special_tokens=params.skip_special_tokens,
-                                           min_tokens=params.min_tokens)
-            self._detokenizers[request.request_id] = detok
-        if (request.stopped_by_token() and len(token_ids) == request.num_output_tokens
-                and not params.include_stop_str_in_output):
-            token_ids = token_ids[:-1]  # EOS or a stop token id has no text (vLLM's rule)
-        detok.add(token_ids[detok.num_tokens:])
-        if detok.stopped and not request.status.is_finished:
-            self._finish(request.request_id, RequestStatus.FINISHED_STOPPED)
-        if request.status.is_finished:
-            detok.finish()
-            if detok.stopped and request.status is RequestStatus.FINISHED_LENGTH:
-                request.status = RequestStatus.FINISHED_STOPPED  # the last character completed a stop string
-            del self._detokenizers[request.request_id]
-        return detok.text(finished=request.status.is_finished)
+        return delta
 
     def stats(self) -> EngineStats:
         """Queue sizes, KV cache usage and preemptions (call from the thread that steps the engine)."""

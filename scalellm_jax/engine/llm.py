@@ -9,8 +9,9 @@ import numpy as np
 from tqdm import tqdm
 
 from scalellm_jax.config import PRESETS, EngineConfig, preset
-from scalellm_jax.engine.engine import LLMEngine, RequestOutput
+from scalellm_jax.engine.engine import LLMEngine
 from scalellm_jax.engine.memory import configure_allocator
+from scalellm_jax.engine.outputs import RequestOutput
 from scalellm_jax.engine.request import SamplingParams
 from scalellm_jax.engine.resolved import resolve
 from scalellm_jax.engine.simulated_device import SimulatedDevice, load_workload_lengths
@@ -96,6 +97,7 @@ class LLM:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             prompt_token_ids = [self.tokenizer.encode(p) for p in prompts]
         prompt_token_ids = [list(p) for p in prompt_token_ids]
+        texts = prompts if prompts is not None else [None] * len(prompt_token_ids)
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
             params = [sampling_params or SamplingParams()] * len(prompt_token_ids)
         else:
@@ -104,9 +106,9 @@ class LLM:
                 raise ValueError(f"sampling_params: got {len(params)} for {len(prompt_token_ids)} prompts")
         engine = self.engine
         order: list[str] = []
-        for i, (ids, p) in enumerate(zip(prompt_token_ids, params, strict=True)):
+        for i, (ids, p, text) in enumerate(zip(prompt_token_ids, params, texts, strict=True)):
             try:
-                order.append(engine.add_request(ids, p))
+                order.append(engine.add_request(ids, p, prompt_text=text))
             except ValueError as exc:  # the bad prompt is rejected untouched; undo the ones before it
                 for rid in order:
                     engine.abort(rid)

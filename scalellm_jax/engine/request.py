@@ -206,6 +206,8 @@ class Request:
     arrival_time: float
     priority: int = 0
     eos_token_id: int | None = None
+    # The text the prompt was tokenized from, when the caller gave one (the length predictor reads it).
+    prompt_text: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     # per output token, its alternatives [(token id, logprob)] best first (with sampling_params.top_logprobs)

@@ -53,7 +53,7 @@ class ServerState:
         if served.simulated_device != self.config.simulated_device:
             raise ValueError(f"served model runs on simulated device {served.simulated_device!r}, "
                              f"configured {self.config.simulated_device!r}")
-        limit = served.engine.engine.config.max_num_seqs + self.config.max_queued_requests
+        limit = served.info.max_num_seqs + self.config.max_queued_requests
         self.generator = Generator(served, self.metrics, self.executor, limit, self.config.retry_after_s,
                                    self.config.stream_interval_s)
         self.served = served

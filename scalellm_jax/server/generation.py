@@ -4,9 +4,11 @@ One HTTP request becomes one engine request per choice (``n`` per prompt). Token
 templates never run on the event loop: short prompts are tokenized by the engine thread as it takes
 the request in (``AsyncEngine`` accepts a callable prompt), which costs microseconds where a hop to
 a worker thread and back cost milliseconds under load; long prompts, whose tokenization would hold
-up the engine's next step, go to a small thread pool. The engine runs in its own thread. Outputs
-are cumulative, so a stream that fell behind skips straight to the newest one (``coalesce``) and
-sends the new text in one chunk.
+up the engine's next step, go to a small thread pool. The engine runs in its own thread and sends
+each choice's deltas (new tokens and text only, ``RequestDelta``): a streamed response sends them on,
+and a stream that fell behind gets what arrived meanwhile as one delta (``coalesce``), sent as one
+chunk. Each choice also folds its deltas into its whole output (``OutputAccumulator``), which a
+non-streamed response returns and usage counts.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from concurrent.futures import Executor
 from aiohttp import web
 
 from scalellm_jax.engine.async_engine import EngineDeadError, Prompt, RequestFailedError, ShuttingDownError
-from scalellm_jax.engine.engine import RequestOutput
+from scalellm_jax.engine.boundary import RequestDelta
 from scalellm_jax.engine.request import SEED_LIMIT, SamplingParams
 from scalellm_jax.server import protocol, responses
 from scalellm_jax.server.errors import APIError, from_engine_error
@@ -80,13 +82,16 @@ class Generator:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         size = sum(len(m["content"]) for m in messages)
         self._check_fits(size, "messages")
-        await self._check_tokens("\n".join(m["content"] for m in messages), "messages")
+        text = "\n".join(m["content"] for m in messages)
+        await self._check_tokens(text, "messages")
         try:
             prompt = await self._tokenize(size, self.served.tokenizer.apply_chat_template, messages)
         except ValueError as exc:
             raise from_engine_error(exc, "messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens or self.served.max_model_len
-        return self._job(req, True, [prompt], max_tokens, req.logprobs, req.top_logprobs or 0, "messages")
+        job = self._job(req, True, [prompt], max_tokens, req.logprobs, req.top_logprobs or 0, "messages")
+        job.prompt_texts = [text]
+        return job
 
     def _check_fits(self, chars: int, field: str) -> None:
         """Refuse, before any tokenizing, a text too long for the context whatever its tokens (a 15 MB prompt
@@ -134,7 +139,7 @@ class Generator:
             raise from_engine_error(exc, "messages") from None
 
     async def detokenize(self, token_ids: list[int]) -> str:
-        vocab = self.served.engine.engine.model.config.vocab_size
+        vocab = self.served.info.vocab_size
         for i, token in enumerate(token_ids):
             if token >= vocab:
                 raise APIError(400, f"tokens[{i}]: {token} is outside the vocabulary (size {vocab})",
@@ -222,17 +227,19 @@ class Generator:
         if self._ended:  # admitted before the shutdown, prepared (tokenized) after its grace ran out
             raise self.shutting_down()
         streams = []
+        submit_time = time.monotonic()
         try:
             for k, (p, params) in enumerate(job.choices):
                 streams.append(engine.add_request(job.prompts[p], params, request_id=f"{job.request_id}-{k}",
-                                                  priority=job.priority, coalesce=True))
+                                                  priority=job.priority, coalesce=True, deltas=True,
+                                                  prompt_text=job.prompt_texts[p] if job.prompt_texts else None))
         except (ValueError, EngineDeadError) as exc:
             for k in range(len(streams)):  # never iterated, so closing them would not abort them
                 engine.abort(f"{job.request_id}-{k}")
             raise _engine_failure(exc, job.prompt_field) from None
-        choices = [Choice(k, self.metrics.tracker(arrival)) for k in range(len(job.choices))]
-        # outputs carry their engine request id; the choice is found from it (one generator level less per
-        # token than yielding (index, output) pairs)
+        choices = [Choice(k, self.metrics.tracker(arrival), submit_time) for k in range(len(job.choices))]
+        # deltas carry their engine request id; the choice is found from it (one generator level less per
+        # token than yielding (index, delta) pairs)
         index = {f"{job.request_id}-{k}": choices[k] for k in range(len(choices))}
         events = _merge(streams)
         try:
@@ -250,7 +257,7 @@ class Generator:
         finally:
             await events.aclose()
 
-    async def _stream(self, job: Job, choices: list[Choice], index: dict[str, Choice], first: RequestOutput, events,
+    async def _stream(self, job: Job, choices: list[Choice], index: dict[str, Choice], first: RequestDelta, events,
                       http_request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http_request)
@@ -260,7 +267,7 @@ class Generator:
             logger.info("%s: the client disconnected during the stream", job.request_id)
         return response
 
-    async def _stream_events(self, job: Job, choices: list[Choice], index: dict[str, Choice], first: RequestOutput,
+    async def _stream_events(self, job: Job, choices: list[Choice], index: dict[str, Choice], first: RequestDelta,
                              events, response) -> None:
         encoder = responses.ChunkEncoder(job, self.served.tokenizer, choices)
         try:
@@ -268,11 +275,11 @@ class Generator:
             while True:
                 choice = index[out.request_id]
                 self._record(choice, out)
-                chunk = encoder.chunk(choice)
+                chunk = encoder.chunk(choice, out.new_text)
                 if chunk:
                     await response.write(chunk)
                     if self._stream_interval and not out.finished:
-                        # let tokens pile up: the stream then hands over only the newest output
+                        # let tokens pile up: the stream then hands them over as one delta
                         await asyncio.sleep(self._stream_interval)
                 try:
                     out = await anext(events)
@@ -288,10 +295,11 @@ class Generator:
         await response.write(responses.DONE)
         await response.write_eof()
 
-    def _record(self, choice: Choice, out: RequestOutput) -> None:
-        choice.output = out
+    def _record(self, choice: Choice, delta: RequestDelta) -> None:
+        choice.add(delta)
+        out = choice.output
         now = time.monotonic()
-        choice.tracker.on_output(len(out.token_ids), out.queue_time, now)
+        choice.tracker.on_output(out.num_tokens, out.queue_time, now)
         if out.finished:
             choice.tracker.on_finish(len(out.prompt_token_ids), out.finish_reason, now)
 
@@ -329,24 +337,25 @@ def _engine_failure(exc: Exception, prompt_field: str) -> APIError:
     return APIError(500, f"the engine failed this request: {exc}")
 
 
-def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[RequestOutput]:
-    """Outputs of all streams as they come; closing this closes (aborts) them all."""
+def _merge(streams: list[AsyncIterator[RequestDelta]]) -> AsyncIterator[RequestDelta]:
+    """Deltas of all streams as they come; closing this closes (aborts) them all."""
     if len(streams) == 1:  # the common case: the stream itself, no task and no extra generator
         return streams[0]
     return _merge_several(streams)
 
 
-async def _merge_several(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[RequestOutput]:
-    # Newest output (or failure) per stream not yet handed on: outputs are cumulative, so a consumer
-    # that fell behind skips the older ones, as a single stream does with ``coalesce``.
-    latest: dict[int, RequestOutput | Exception] = {}
+async def _merge_several(streams: list[AsyncIterator[RequestDelta]]) -> AsyncIterator[RequestDelta]:
+    # What each stream sent and was not handed on yet, as one delta (or its failure): a consumer that
+    # fell behind gets it in one piece, as a single stream does with ``coalesce``.
+    latest: dict[int, RequestDelta | Exception] = {}
     wake = asyncio.Event()
 
     async def pump(index, stream):
         async with contextlib.aclosing(stream):
             try:
-                async for out in stream:
-                    latest[index] = out
+                async for delta in stream:
+                    waiting = latest.get(index)
+                    latest[index] = delta if waiting is None else waiting.merged(delta)
                     wake.set()
             except Exception as exc:
                 latest[index] = exc

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from scalellm_jax.engine.async_engine import Prompt
-from scalellm_jax.engine.engine import RequestOutput
+from scalellm_jax.engine.boundary import RequestDelta
+from scalellm_jax.engine.outputs import OutputAccumulator
 from scalellm_jax.engine.request import SamplingParams
 from scalellm_jax.server.metrics import RequestTracker
 
@@ -29,17 +30,26 @@ class Job:
     top_logprobs: int = 0  # most likely alternatives per position, with logprobs
     echo: bool = False  # completions: the prompt comes back first (with its logprobs when logprobs is set)
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field: None when not asked
-    prompt_texts: list[str | None] | None = None  # completions: each prompt as sent (None: token ids)
+    # Each prompt's text as sent (chat: its messages' contents, one per line); None: sent as token ids.
+    # Completions echo it; the engine's length predictor reads it.
+    prompt_texts: list[str | None] | None = None
 
 
 class Choice:
-    """Progress of one choice: what was already sent, and its latency bookkeeping."""
+    """Progress of one choice: its output so far, what was already sent, and its latency bookkeeping."""
 
-    __slots__ = ("index", "text_sent", "tokens_sent", "tracker", "output")
+    __slots__ = ("index", "text_sent", "tokens_sent", "tracker", "output", "_submit_time")
 
-    def __init__(self, index: int, tracker: RequestTracker):
+    def __init__(self, index: int, tracker: RequestTracker, submit_time: float):
         self.index = index
-        self.text_sent = 0
-        self.tokens_sent = 0
+        self.text_sent = 0  # characters of text sent (streaming)
+        self.tokens_sent = 0  # output tokens whose logprobs were sent (streaming; text may hold some back)
         self.tracker = tracker
-        self.output: RequestOutput | None = None
+        self.output: OutputAccumulator | None = None  # None until the engine's first delta
+        self._submit_time = submit_time  # time.monotonic() when its engine request was submitted
+
+    def add(self, delta: RequestDelta) -> None:
+        """Fold in the engine's next delta for this choice."""
+        if self.output is None:
+            self.output = OutputAccumulator(delta.request_id, self._submit_time)
+        self.output.add(delta)

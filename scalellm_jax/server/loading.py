@@ -7,6 +7,7 @@ import logging
 import time
 
 from scalellm_jax.engine.async_engine import AsyncEngine
+from scalellm_jax.engine.boundary import EngineInfo
 from scalellm_jax.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -14,20 +15,30 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ServedModel:
+    """The model the server serves: the engine behind its thread, the tokenizer the server uses on its own
+    side (the same the engine detokenizes with), and the engine's plain description (``EngineInfo``), which
+    is all the server reads about the engine."""
+
     name: str
     engine: AsyncEngine
     tokenizer: Tokenizer
-    max_model_len: int
+    info: EngineInfo
     created: int  # unix time, for /v1/models
-    simulated_device: str | None = None  # the engine runs on a simulated device (random output tokens)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    @property
+    def simulated_device(self) -> str | None:
+        """The engine runs on this simulated device (random output tokens); None on a real one."""
+        return self.info.simulated_device
 
     @classmethod
-    def wrap(cls, name: str, engine: AsyncEngine) -> ServedModel:
-        if engine.engine.tokenizer is None:
+    def wrap(cls, name: str, engine: AsyncEngine, tokenizer: Tokenizer) -> ServedModel:
+        if tokenizer is None or not engine.info.has_tokenizer:
             raise ValueError("the served engine needs a tokenizer")
-        simulated = engine.engine.simulated
-        return cls(name, engine, engine.engine.tokenizer, engine.engine.max_model_len, int(time.time()),
-                   simulated.device if simulated is not None else None)
+        return cls(name, engine, tokenizer, engine.info, int(time.time()))
 
 
 def build_served_model(name: str, model: str, *, dtype: str, seed: int = 0, tensor_parallel_size: int = 1,
@@ -48,4 +59,4 @@ def build_served_model(name: str, model: str, *, dtype: str, seed: int = 0, tens
     llm.engine.warmup(progress=False)
     logger.info("model %s loaded in %.1f s, engine warmed up (every step shape compiled) in %.1f s",
                 name, loaded - start, time.perf_counter() - loaded)
-    return ServedModel.wrap(name, AsyncEngine(llm.engine))
+    return ServedModel.wrap(name, AsyncEngine(llm.engine), llm.tokenizer)

@@ -74,14 +74,14 @@ class ChunkEncoder:
         self._prefix = ("data: " + head[:-1] + ',"choices":[').encode()
         self._suffix = b'],"usage":null}\n\n' if job.include_usage else b"]}\n\n"
 
-    def chunk(self, choice: Choice) -> bytes | None:
-        """The event for what ``choice`` gained since the last one, or None when nothing is new."""
+    def chunk(self, choice: Choice, text: str) -> bytes | None:
+        """The event for what ``choice`` gained since the last one (``text``: its delta's new text, already
+        folded into ``choice.output``), or None when nothing is new."""
         out = choice.output
         text_start, token_start = choice.text_sent, choice.tokens_sent
-        text = out.text[text_start:]
         if not text and not out.finished:
             return None  # e.g. tokens held back for a possible stop string: send them with the next text
-        choice.text_sent, choice.tokens_sent = len(out.text), len(out.token_ids)
+        choice.text_sent, choice.tokens_sent = text_start + len(text), out.num_tokens
         finish = out.finish_reason if out.finished and out.finish_reason in FINISH_REASONS else None
         first = text_start == 0 and token_start == 0
         job = self._job

@@ -38,18 +38,28 @@ def test_concurrent_streams_match_the_research_api(async_engine):
     async def collect(prompt):
         seen = []
         async for out in async_engine.add_request(prompt, params):
-            seen.append(out)
+            seen.append((out, list(out.token_ids)))  # an output's lists keep growing: keep a snapshot
         return seen
 
-    async def main():
-        return await asyncio.gather(*(collect(p) for p in prompts))
+    async def deltas(prompt):
+        return [delta async for delta in async_engine.add_request(prompt, params, deltas=True)]
 
-    streams = asyncio.run(main())
+    async def main():
+        return await asyncio.gather(*(collect(p) for p in prompts), *(deltas(p) for p in prompts))
+
+    results = asyncio.run(main())
+    streams, delta_streams = results[:len(prompts)], results[len(prompts):]
     expected = scalellm_jax.generate(async_engine.engine.model, prompts, 7)
-    for seen, tokens in zip(streams, expected, strict=True):
-        assert seen[-1].finished and seen[-1].token_ids == tokens
+    for prompt, seen, sent, tokens in zip(prompts, streams, delta_streams, expected, strict=True):
+        assert seen[-1][0].finished and seen[-1][0].token_ids == tokens
         # streamed one token at a time, each output extending the previous one
-        assert [len(o.token_ids) for o in seen] == list(range(1, 8))
+        assert [snapshot for _, snapshot in seen] == [tokens[:n] for n in range(1, 8)]
+        assert seen[0][0].queue_time is not None and seen[0][0].queue_time >= 0  # the first output only
+        assert all(out.queue_time is None for out, _ in seen[1:])
+        # the same request as deltas: one new token each, the prompt in the first only
+        assert [d.new_token_ids for d in sent] == [(t,) for t in tokens]
+        assert sent[0].prompt_token_ids == tuple(prompt) and all(d.prompt_token_ids is None for d in sent[1:])
+        assert [d.finished for d in sent] == [False] * 6 + [True] and sent[-1].finish_reason == "length"
 
 
 def test_leaving_the_stream_aborts_the_request(async_engine):

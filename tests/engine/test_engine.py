@@ -241,3 +241,47 @@ def test_on_outputs_gets_each_steps_outputs_before_the_device_wait(engine, monke
     steps = [step.split() for step in " ".join(events).split("|")]
     both = [s for s in steps if "outputs" in s and "wait" in s]
     assert both and all(s.index("outputs") < s.index("wait") for s in both)
+
+
+def test_step_deltas_hold_only_new_tokens_and_add_up_to_the_whole_outputs(engine):
+    """The engine boundary: each step's delta has the request's new tokens and logprobs only (one per
+    decode step), its prompt once, and all of them together are what ``step`` returns whole; an abort's
+    delta carries the tokens not reported yet."""
+    rng = np.random.default_rng()
+    prompts = [random_prompt(rng) for _ in range(6)]  # > max_num_seqs: some wait, long ones are chunked
+    params = SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2)
+    ids = [engine.add_request(p, params) for p in prompts]
+    expected = run_to_completion(engine)
+    new_ids = [engine.add_request(p, params) for p in prompts]
+    sent = {rid: [] for rid in new_ids}
+    while engine.has_unfinished():
+        for delta in engine.step_deltas():
+            sent[delta.request_id].append(delta)
+    for rid, new_rid, prompt in zip(ids, new_ids, prompts, strict=True):
+        deltas, whole = sent[new_rid], expected[rid]
+        assert [len(d.new_token_ids) for d in deltas] == [1] * 7  # O(new tokens) per step, never the whole
+        assert [t for d in deltas for t in d.new_token_ids] == whole.token_ids
+        # the two runs batched differently: logprobs agree to float32 rounding
+        np.testing.assert_allclose([lp for d in deltas for lp in d.new_logprobs], whole.logprobs, atol=1e-5)
+        alternatives = [a for d in deltas for a in d.new_top_logprobs]
+        assert [[t for t, _ in a] for a in alternatives] == [[t for t, _ in a] for a in whole.top_logprobs]
+        np.testing.assert_allclose([[v for _, v in a] for a in alternatives],
+                                   [[v for _, v in a] for a in whole.top_logprobs], atol=1e-5)
+        assert deltas[0].prompt_token_ids == tuple(prompt) and all(d.prompt_token_ids is None for d in deltas[1:])
+        assert [d.finished for d in deltas] == [False] * 6 + [True] and deltas[-1].finish_reason == "length"
+        assert all(d.scheduled_time == deltas[0].scheduled_time is not None for d in deltas)
+
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    rid = engine.add_request([5, 6, 7], greedy)
+    reported = []
+    while len(reported) < 3:
+        reported += [t for d in engine.step_deltas() if d.request_id == rid for t in d.new_token_ids]
+    final = engine.abort(rid)
+    assert final.finished and final.finish_reason == "abort"
+    later = []
+    while engine.has_unfinished():
+        later += [d for d in engine.step_deltas() if d.request_id == rid]
+    assert later == []  # the abort's delta was its last
+    whole = reported + list(final.new_token_ids)  # nothing lost or repeated between the step and the abort
+    full_rid = engine.add_request([5, 6, 7], greedy)
+    assert whole == run_to_completion(engine)[full_rid].token_ids[:len(whole)]

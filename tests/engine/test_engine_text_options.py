@@ -92,3 +92,18 @@ def test_min_tokens_ignores_stop_strings_in_the_first_tokens_text(llm):
     assert generate(llm, greedy(stop=[stop])).text == free.text[: free.text.index(stop)]
     out = generate(llm, greedy(stop=[stop], min_tokens=min_tokens))
     assert out.finish_reason == "stop" and out.text == free.text[: len(early) + late.index(stop)]
+
+
+def test_the_deltas_texts_add_up_to_the_text_a_stop_string_ends(llm):
+    """Through the engine boundary each step's delta carries only its new text; joined, they are the
+    whole output's text, cut before the stop string."""
+    tok, engine = llm.tokenizer, llm.engine
+    free = generate(llm, greedy()).text
+    stop = next(free[i:i + 2] for i in range(len(free) // 2, len(free)) if free[i:i + 2].strip())
+    rid = engine.add_request(tok.encode(PROMPT), greedy(stop=[stop]), prompt_text=PROMPT)
+    deltas = []
+    while engine.has_unfinished():
+        deltas += [d for d in engine.step_deltas() if d.request_id == rid]
+    assert "".join(d.new_text for d in deltas) == free[:free.index(stop)]
+    assert deltas[-1].finished and deltas[-1].finish_reason == "stop"
+    assert all(not d.finished for d in deltas[:-1])

@@ -56,3 +56,32 @@ def test_predictions_arrive_off_thread_and_only_natural_ends_are_learned():
 def test_warm_start_file_errors_name_the_file(tmp_path):
     with pytest.raises((OSError, ValueError), match="missing.jsonl"):
         PredictedLengths.build(WordTokenizer(), warm_start=tmp_path / "missing.jsonl", config=CHEAP)
+
+
+class RecordingTokenizer(WordTokenizer):
+    def __init__(self):
+        self.decoded = []
+
+    def decode(self, ids):
+        self.decoded.append(list(ids))
+        return super().decode(ids)
+
+
+def test_the_prompt_text_a_request_came_with_is_read_and_only_bare_token_ids_are_decoded():
+    tokenizer = RecordingTokenizer()
+    lengths = PredictedLengths.build(tokenizer, config=CHEAP)
+    try:
+        with_text = request("text", [1, 2, 3])
+        with_text.prompt_text = "w1 w2 w3"
+        ids_only = request("ids", [4, 5])
+        lengths.start(with_text)
+        lengths.start(ids_only)
+        wait_for(lambda: lengths.predicted(with_text) is not None and lengths.predicted(ids_only) is not None)
+        observed = lengths.predictor.predictor.num_observations
+        done = request("text", [1, 2, 3], RequestStatus.FINISHED_STOPPED, outputs=9)
+        done.prompt_text = "w1 w2 w3"
+        lengths.finish(done)  # learning from it reads its text too
+        wait_for(lambda: lengths.predictor.predictor.num_observations == observed + 1)
+        assert tokenizer.decoded == [[4, 5]]
+    finally:
+        lengths.close()

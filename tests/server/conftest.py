@@ -19,7 +19,7 @@ def served():
     from scalellm_jax.engine.async_engine import AsyncEngine
 
     llm = LLM("tiny", dtype="float32", **ENGINE)
-    model = ServedModel.wrap(MODEL, AsyncEngine(llm.engine))
+    model = ServedModel.wrap(MODEL, AsyncEngine(llm.engine), llm.tokenizer)
     yield model
     model.engine.shutdown()
 

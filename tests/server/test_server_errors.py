@@ -134,15 +134,15 @@ def test_health_is_503_while_loading(make_server, served):
 
 def test_engine_failure_fails_only_that_request(server, served, monkeypatch):
     engine = served.engine.engine
-    add_request = engine.add_request
+    add = engine.add
     poison = 31999
 
-    def failing_add_request(prompt_token_ids, *args, **kwargs):
-        if poison in prompt_token_ids:
+    def failing_add(request):
+        if poison in request.prompt_token_ids:
             raise RuntimeError("injected failure")
-        return add_request(prompt_token_ids, *args, **kwargs)
+        return add(request)
 
-    monkeypatch.setattr(engine, "add_request", failing_add_request)
+    monkeypatch.setattr(engine, "add", failing_add)
 
     async def main():
         async with aiohttp.ClientSession() as session:

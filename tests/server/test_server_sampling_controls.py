@@ -47,9 +47,9 @@ def engine_requests(served, monkeypatch):
 
         async def outputs():
             async with contextlib.aclosing(stream):
-                async for out in stream:
-                    record.token_ids = list(out.token_ids)
-                    yield out
+                async for delta in stream:  # the server asks for deltas: new tokens only
+                    record.token_ids += delta.new_token_ids
+                    yield delta
         return outputs()
 
     monkeypatch.setattr(served.engine, "add_request", recording)

@@ -18,7 +18,7 @@ def simulated_server():
 
     llm = LLM("mixtral-8x7b", simulate_device="h100", tensor_parallel_size=2,  # 8x7B needs two H100s
               max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512)
-    served = ServedModel.wrap(NAME, AsyncEngine(llm.engine))
+    served = ServedModel.wrap(NAME, AsyncEngine(llm.engine), llm.tokenizer)
     try:
         with BackgroundServer(create_app(ServerConfig(model_name=NAME, simulated_device="h100"), served)) as running:
             yield running
