@@ -147,7 +147,7 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)))
         return
 
-    from benchmarks.provenance import RESULTS, cpu_description, git_state, write_result
+    from benchmarks.provenance import cpu_description, git_state, output_dir, write_result
 
     git = git_state()
     trees = {"old": args.old.resolve(), "new": args.new.resolve()}
@@ -184,7 +184,7 @@ def main(argv=None) -> None:
         "seconds": time.perf_counter() - start,
         "summary": summary, "runs": runs,
     }
-    out = args.out or RESULTS / f"output_building-{now.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or output_dir() / f"output_building-{now.strftime('%Y%m%d-%H%M%S')}.json"
     write_result("output_building", result, out)
 
 

@@ -123,7 +123,7 @@ def test_int8_swap_never_hands_rounded_kv_to_another_prompt(model, reference):
     cache, and every request never preempted matches the reference exactly, cached prefix or not (a
     resumed request's own tokens may differ: its KV was rounded)."""
     rng = np.random.default_rng()
-    for _ in range(3):  # until a draw swaps some requests and leaves others alone (nearly every one does)
+    for _ in range(10):  # until a draw swaps some requests and leaves others alone (about 3 draws in 4 do)
         workload = shared_prefix_workload(rng, num_requests=16, num_prefixes=1)
         engine, preempted, swapped_in = _int8_swap_engine(model)
         got, _ = run_staggered(engine, workload, rng)
