@@ -10,8 +10,9 @@ from collections import defaultdict
 class StepProfile:
     """Wall time of the engine's step phases, by wrapping instance methods (restore with ``remove``)."""
 
-    PHASES = (("scheduler", "schedule"), ("runner", "prepare"), ("runner", "execute"), ("scheduler", "update"),
-              ("", "_output"))
+    # (owner attribute or "" for the engine, method, report key); ``_emit_pending`` builds step N-1's deltas
+    PHASES = (("scheduler", "schedule", "schedule"), ("runner", "prepare", "prepare"),
+              ("runner", "execute", "execute"), ("scheduler", "update", "update"), ("", "_emit_pending", "output"))
 
     def __init__(self, engine):
         self.engine = engine
@@ -19,8 +20,8 @@ class StepProfile:
         self.steps: dict[str, list[float]] = defaultdict(list)
         self._kind = None
         self._wrapped = []
-        for owner, name in self.PHASES:
-            self._wrap(getattr(engine, owner) if owner else engine, name, name.strip("_"))
+        for owner, name, key in self.PHASES:
+            self._wrap(getattr(engine, owner) if owner else engine, name, key)
         self._wrap(engine, "step", None)
 
     def _wrap(self, obj, name, key):
