@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from scalellm_jax.engine.boundary import EngineInfo, EngineRequest, EngineStats, RequestDelta
 from scalellm_jax.engine.engine import LLMEngine
+from scalellm_jax.engine.lockstep import LockstepError
 from scalellm_jax.engine.outputs import OutputAccumulator, RequestOutput
 from scalellm_jax.engine.request import SamplingParams
 
@@ -83,6 +84,9 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._error: BaseException | None = None
+        # called on the engine thread if it fails, after every stream got the error (the server exits on it
+        # when the engine spans processes: the other processes are gone or stopping)
+        self.on_failure: Callable[[BaseException], None] | None = None
         # Replaced (never mutated) by the engine thread after every step, so any thread may read it.
         self.stats: EngineStats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="scalellm-engine", daemon=True)
@@ -186,19 +190,30 @@ class AsyncEngine:
                 if self.engine.has_unfinished():
                     self.engine.step_deltas(on_deltas=self._deliver)  # delivered before the device wait
                 self.stats = self.engine.stats()
+            self.engine.close()  # a multi-process leader's followers exit
         except BaseException as exc:  # deliver the failure to every waiting client, never hang them
-            logger.exception("engine thread failed")
+            if isinstance(exc, LockstepError):  # one line: which process and why is all there is to know
+                logger.error("engine thread failed: %s", exc)
+            else:
+                logger.exception("engine thread failed")
             self._error = exc
             for stream in list(self._streams.values()):
                 _send(stream, EngineDeadError(repr(exc)))
             self._streams.clear()
+            if self.on_failure is not None:
+                self.on_failure(exc)
 
     def _drain_inbox(self, block: bool) -> None:
-        """Take in what the inbox holds; ``block``: the engine is idle, so wait for the first item."""
+        """Take in what the inbox holds; ``block``: the engine is idle, so wait for the first item (a
+        multi-process leader wakes every ``keepalive_s`` meanwhile to tell its followers it lives)."""
+        keepalive_s = self.engine.keepalive_s
         while True:
             try:
-                item = self._inbox.get(block=block)
+                item = self._inbox.get(block=block, timeout=keepalive_s if block else None)
             except queue.Empty:
+                if block:
+                    self.engine.keepalive()
+                    continue
                 return
             block = False
             if item is None:

@@ -18,7 +18,8 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from scalellm_jax.config import EngineConfig
+from scalellm_jax.config import ConfigError, EngineConfig
+from scalellm_jax.engine import lockstep
 from scalellm_jax.engine.boundary import EngineInfo, EngineRequest, EngineStats, RequestDelta
 from scalellm_jax.engine.delta_builder import DeltaBuilder
 from scalellm_jax.engine.kv_manager import KVManager
@@ -59,9 +60,14 @@ class LLMEngine:
         logger.info("%s", self.memory_plan.describe())
         if simulated is None:
             choices = PlatformChoices.for_platform(jax.default_backend(), config.attention_kernels, model.dtype)
-            self.runner = ModelRunner(model, resolved, choices=choices, interpret=interpret)
+            runner = ModelRunner(model, resolved, choices=choices, interpret=interpret)
+            # under jax.distributed: process 0 leads, the others repeat its device work (``follow``)
+            self.runner = lockstep.for_processes(runner, _description(resolved, choices))
             kernels = choices.kernels
         else:
+            if jax.process_count() > 1:
+                raise ConfigError("simulated_device: a simulated device runs in one process (it has no "
+                                  "multi-process mode); unset SCALELLM_COORDINATOR")
             self.runner = SimulatedRunner(simulated, resolved)
             kernels = f"simulated {simulated.device}"
         self.kv = KVManager.for_engine(resolved)
@@ -120,6 +126,28 @@ class LLMEngine:
 
     def warmup(self, progress: bool = True) -> None:
         self.runner.warmup(progress)
+
+    # ------------------------------------------------------------------ several processes
+
+    @property
+    def keepalive_s(self) -> float | None:
+        """How often an idle engine must call ``keepalive`` (a multi-process leader's); None: never."""
+        return getattr(self.runner, "keepalive_s", None)
+
+    def keepalive(self) -> None:
+        self.runner.keepalive()
+
+    def follow(self) -> int:
+        """On a follower process of a multi-process engine: repeat process 0's device work until it closes
+        its engine; returns the steps run. Raises ``lockstep.LockstepError`` when process 0 is lost."""
+        if not isinstance(self.runner, lockstep.FollowerRunner):
+            raise RuntimeError("follow: only a follower process (jax.process_index() > 0) follows")
+        return self.runner.follow()
+
+    def close(self) -> None:
+        """Release the engine's followers (a multi-process leader's: they return from ``follow``); idempotent."""
+        if isinstance(self.runner, lockstep.LeaderRunner):
+            self.runner.close()
 
     # ------------------------------------------------------------------ requests
 
@@ -287,6 +315,17 @@ class LLMEngine:
             prefix_cache_queries=self.scheduler.prefix_cache_queries,
             prefix_cache_hits=self.scheduler.prefix_cache_hits,
         )
+
+
+def _description(resolved: ResolvedConfig, choices: PlatformChoices) -> dict:
+    """What must be equal on every process of a multi-process engine (``lockstep.check_same_engine``)."""
+    return {
+        **{f"engine.{k}": v for k, v in dataclasses.asdict(resolved.engine).items() if k != "seed"},
+        **{f"model.{k}": v for k, v in dataclasses.asdict(resolved.model).items()},
+        "dtype": str(resolved.dtype), "tp": resolved.tp, "ep": resolved.ep, "num_pages": resolved.num_pages,
+        "max_pages_per_seq": resolved.max_pages_per_seq, "kernels": choices.kernels, "moe_impl": choices.moe_impl,
+        "few_token_options": choices.few_token_options, "platform": jax.default_backend(), "jax": jax.__version__,
+    }
 
 
 def _record_top_logprobs(scheduled, out) -> None:

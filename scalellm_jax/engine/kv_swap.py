@@ -18,6 +18,7 @@ at the cost of int8 rounding error in the resumed request's KV (at most max|x|/2
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -99,12 +100,17 @@ class KVSwapper:
         self._in_flight.append(request_id)
         self.num_swap_outs += 1
 
+    @property
+    def has_in_flight(self) -> bool:
+        """Swap-outs dispatched and not yet landed in host memory."""
+        return bool(self._in_flight)
+
     def finish_transfers(self) -> None:
         """Bring swapped-out pages into numpy (trimmed to their real page count), freeing device memory."""
         for request_id in self._in_flight:
             if request_id in self._host:
                 n, data = self._host[request_id]
-                self._host[request_id] = (n, jax.tree.map(lambda a, n=n: np.asarray(a)[:, :n], data))
+                self._host[request_id] = (n, jax.tree.map(lambda a, n=n: _to_host(a, n), data))
         self._in_flight.clear()
 
     def swap_in(self, pools, request_id: str, pages: tuple[int, ...]):
@@ -139,12 +145,42 @@ class KVSwapper:
         return self._gather._cache_size() + self._scatter._cache_size()
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalShards:
+    """The host copy of a swapped array that spans other processes' devices (a multi-process engine):
+    this process's shards only, each trimmed to the real page count; the other processes hold theirs."""
+
+    sharding: jax.sharding.Sharding
+    shape: tuple[int, ...]  # the global shape, page axis trimmed
+    shards: tuple[tuple[jax.Device, np.ndarray], ...]
+
+    def padded(self, bucket: int) -> jax.Array:
+        """Back on the devices, as one global array with ``bucket`` pages (zero-padded)."""
+        shape = (self.shape[0], bucket, *self.shape[2:])
+        arrays = [jax.device_put(_pad_host(data, bucket), device) for device, data in self.shards]
+        return jax.make_array_from_single_device_arrays(shape, self.sharding, arrays)
+
+
+def _to_host(a: jax.Array, n: int):
+    """``a``'s first ``n`` pages in host memory: numpy, or this process's shards of an array spanning processes."""
+    if a.is_fully_addressable:
+        return np.asarray(a)[:, :n]
+    shards = tuple((s.device, np.asarray(s.data)[:, :n]) for s in a.addressable_shards)
+    return LocalShards(a.sharding, (a.shape[0], n, *a.shape[2:]), shards)
+
+
+def _pad_host(a: np.ndarray, bucket: int) -> np.ndarray:
+    pad = [(0, 0)] * a.ndim
+    pad[1] = (0, bucket - a.shape[1])
+    return np.pad(a, pad)
+
+
 def _pad_pages(a, n: int, bucket: int):
     """Pad the page axis (1) of a host or device array from ``n`` to ``bucket`` entries."""
+    if isinstance(a, LocalShards):
+        return a.padded(bucket)
     if a.shape[1] == bucket:
         return a
     if isinstance(a, np.ndarray):
-        pad = [(0, 0)] * a.ndim
-        pad[1] = (0, bucket - n)
-        return np.pad(a, pad)
+        return _pad_host(a, bucket)
     return a  # still the padded device array of the swap-out (swapped out and in within one step)

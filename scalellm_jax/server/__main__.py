@@ -23,6 +23,7 @@ from aiohttp import web
 
 from scalellm_jax.config import PRESETS, ConfigError, EngineConfig
 from scalellm_jax.engine.memory import configure_allocator
+from scalellm_jax.server import multiprocess
 from scalellm_jax.server.app import STATE, create_app, start_runner
 from scalellm_jax.server.config import DEMO_ENGINE_OPTIONS, DEMO_MODEL_NAME, DEMO_PRESET, ServerConfig
 from scalellm_jax.server.log_limits import install as limit_client_logs
@@ -217,10 +218,9 @@ def _default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scalellm_jax" / "xla"
 
 
-def load(args: argparse.Namespace, name: str, options: dict):
+def llm_options(args: argparse.Namespace, options: dict) -> dict:
+    """``build_llm``'s keyword arguments from the flags (also sets up JAX's compilation cache)."""
     import jax
-
-    from scalellm_jax.server.loading import build_served_model
 
     if args.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
@@ -228,10 +228,15 @@ def load(args: argparse.Namespace, name: str, options: dict):
 
     on_cpu = jax.default_backend() == "cpu" and args.simulate_device is None  # a simulated GPU serves bfloat16
     dtype = args.dtype if args.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
-    return build_served_model(name, args.model or DEMO_PRESET, dtype=dtype, seed=args.seed,
-                              tensor_parallel_size=args.tensor_parallel_size,
-                              expert_parallel_size=args.expert_parallel_size, simulate_device=args.simulate_device,
-                              simulate_lengths=args.simulate_lengths, **options)
+    return dict(dtype=dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+                expert_parallel_size=args.expert_parallel_size, simulate_device=args.simulate_device,
+                simulate_lengths=args.simulate_lengths, **options)
+
+
+def load(args: argparse.Namespace, name: str, options: dict):
+    from scalellm_jax.server.loading import build_served_model
+
+    return build_served_model(name, args.model or DEMO_PRESET, **llm_options(args, options))
 
 
 async def serve(args: argparse.Namespace, config: ServerConfig, options: dict) -> int:
@@ -275,6 +280,7 @@ async def serve(args: argparse.Namespace, config: ServerConfig, options: dict) -
     served = None
     try:
         if not loaded.done():
+            multiprocess.abandon()
             return 0
         try:
             served = loaded.result()
@@ -286,7 +292,11 @@ async def serve(args: argparse.Namespace, config: ServerConfig, options: dict) -
         simulated = f", on a SIMULATED {served.simulated_device}" if served.simulated_device else ""
         logger.info("ready in %.1f s: http://%s:%d/v1 serves %s (max_model_len %d%s)", time.perf_counter() - start,
                     host, port, served.name, served.max_model_len, simulated)
-        await stopping
+        failed = multiprocess.watch_engine(served.engine, loop)
+        await asyncio.wait([stopping, failed], return_when=asyncio.FIRST_COMPLETED)
+        if failed.done():  # the engine spans processes and lost one: every process stops
+            print(f"error: {failed.result()}", file=sys.stderr)
+            return 1
         finished = await drain(app[STATE], config.shutdown_grace_s)
         logger.info("shut down%s", "" if finished else " (requests still running at the end of the grace ended)")
         return 0
@@ -316,8 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         check_against_model(args, options)
         # before the loading thread's first JAX call starts the backends
         configure_allocator(options.get("gpu_memory_utilization", EngineConfig.gpu_memory_utilization))
+        try:
+            leader = multiprocess.join(args.simulate_device)
+        except ConfigError as exc:
+            raise CLIError(str(exc)) from None
+        if not leader:  # a follower process: no HTTP, it repeats process 0's steps
+            return multiprocess.finish(multiprocess.follow(args.model or DEMO_PRESET,
+                                                           lambda: llm_options(args, options)))
         with _event_loop(args.event_loop) as runner:
-            return runner.run(serve(args, config, options))
+            return multiprocess.finish(runner.run(serve(args, config, options)))
     except CLIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -49,14 +49,20 @@ def build_served_model(name: str, model: str, *, dtype: str, seed: int = 0, tens
 
     Raises ``OSError`` / ``ValueError`` (``ConfigError``) with one line naming the problem.
     """
-    from scalellm_jax.engine.llm import LLM  # imports JAX: keep `--help` fast
-
     start = time.perf_counter()
-    llm = LLM(model, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
-              expert_parallel_size=expert_parallel_size, simulate_device=simulate_device,
-              simulate_lengths=simulate_lengths, warmup=False, **engine_options)
+    llm = build_llm(model, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
+                    expert_parallel_size=expert_parallel_size, simulate_device=simulate_device,
+                    simulate_lengths=simulate_lengths, **engine_options)
     loaded = time.perf_counter()
     llm.engine.warmup(progress=False)
     logger.info("model %s loaded in %.1f s, engine warmed up (every step shape compiled) in %.1f s",
                 name, loaded - start, time.perf_counter() - loaded)
     return ServedModel.wrap(name, AsyncEngine(llm.engine), llm.tokenizer)
+
+
+def build_llm(model: str, **options):
+    """The ``LLM`` every process of the server builds alike (``build_served_model``'s arguments), not warmed up:
+    a multi-process leader's warmup runs on every process (``lockstep``)."""
+    from scalellm_jax.engine.llm import LLM  # imports JAX: keep `--help` fast
+
+    return LLM(model, warmup=False, **options)
