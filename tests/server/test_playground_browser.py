@@ -164,6 +164,14 @@ def test_chat_answer_streams_in_with_its_figures(page, demo, tmp_path_factory, c
     # the live panel saw the generated tokens: the server's counter, read from /state, moved past them
     wait_until(lambda: int(page.find_element(By.ID, "charts").get_attribute("data-samples")) >= 3, timeout=20)
     assert demo.state()["generation_tokens"] >= 200
+    # the next turn carries the conversation: its prompt is the first one, the answer and the new message
+    first_prompt = int(re.search(r"prompt (\d+)", stats).group(1))
+    page.find_element(By.ID, "prompt").send_keys("And why?")
+    page.find_element(By.ID, "send").click()
+    wait_until(lambda: len(page.find_elements(By.CSS_SELECTOR, "#chat-log .message.assistant")) == 2
+               and outcome(page) not in (None, ""), timeout=60)
+    second = last_answer(page).find_element(By.CSS_SELECTOR, ".stats").text
+    assert outcome(page) == "length" and int(re.search(r"prompt (\d+)", second).group(1)) > first_prompt + 100, second
     shot = tmp_path_factory.mktemp("playground") / "playground.png"
     page.save_screenshot(str(shot))
     if os.environ.get("SCALELLM_PLAYGROUND_SCREENSHOT"):

@@ -245,7 +245,7 @@ async function send() {
   }
   entry.querySelector(".stats").textContent = timing.text(outcome);
   entry.dataset.outcome = outcome ?? timing.finish ?? "done";
-  if (chat && outcome !== "failed") {
+  if (chat && outcome !== "failed" && view.text.data) {  // the next turn sends the conversation so far
     ui.chat.push({ role: "user", content: prompt }, { role: "assistant", content: view.text.data });
   }
 }
