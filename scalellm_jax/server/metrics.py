@@ -51,6 +51,7 @@ class ServerMetrics:
                                 ["finish_reason"], registry=registry)
         # One per HTTP response, counted when its status line is sent (a stream's 200 included): the 4xx, 5xx and
         # 429 rates. ``route`` is the matched route's pattern ("unmatched" for 404s and 405s): its values are bounded.
+        # A connection refused by --max-connections gets its 503 before any request exists: logged, not counted.
         self.http_responses = Counter("scalellm_http_responses", "HTTP responses sent, by status code and route.",
                                       ["code", "route"], registry=registry)
         registry.register(_EngineCollector(stats))
