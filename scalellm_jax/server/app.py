@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from pydantic import ValidationError
 
-from scalellm_jax.server import protocol
+from scalellm_jax.server import live_state, protocol
 from scalellm_jax.server.body import read_json_body
 from scalellm_jax.server.config import ServerConfig
 from scalellm_jax.server.connections import limit_connections
@@ -27,6 +27,7 @@ from scalellm_jax.server.generation import Generator
 from scalellm_jax.server.loading import ServedModel
 from scalellm_jax.server.metrics import CONTENT_TYPE, ServerMetrics
 from scalellm_jax.server.openapi import openapi_document
+from scalellm_jax.server.playground import Playground
 
 logger = logging.getLogger(__name__)
 try:
@@ -118,6 +119,9 @@ def create_app(config: ServerConfig, served: ServedModel | None = None) -> web.A
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/openapi.json", _openapi)
+    app.router.add_get("/state", _state)
+    Playground().add_routes(app)
+    app.on_response_prepare.append(_count_response)
     app.on_cleanup.append(_cleanup)
     if config.allowed_origins:
         _enable_cors(app, config)
@@ -309,6 +313,15 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[STATE].metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _state(request: web.Request) -> web.Response:
+    view = live_state.snapshot(request.app[STATE])
+    return web.Response(body=view.model_dump_json(), content_type="application/json")
+
+
+async def _count_response(request: web.Request, response: web.StreamResponse) -> None:
+    request.app[STATE].metrics.count_response(request, response)
 
 
 async def _openapi(request: web.Request) -> web.Response:

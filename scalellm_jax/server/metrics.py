@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -48,10 +49,20 @@ class ServerMetrics:
         self.generation_tokens = per_token.counter("scalellm_generation_tokens", "Generated tokens.")
         self.requests = Counter("scalellm_requests_finished", "Finished engine requests, by finish reason.",
                                 ["finish_reason"], registry=registry)
+        # One per HTTP response, counted when its status line is sent (a stream's 200 included): the 4xx, 5xx and
+        # 429 rates. ``route`` is the matched route's pattern ("unmatched" for 404s and 405s): its values are bounded.
+        # A connection refused by --max-connections gets its 503 before any request exists: logged, not counted.
+        self.http_responses = Counter("scalellm_http_responses", "HTTP responses sent, by status code and route.",
+                                      ["code", "route"], registry=registry)
         registry.register(_EngineCollector(stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def count_response(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        resource = request.match_info.route.resource if isinstance(request, web.Request) else None
+        route = resource.canonical if resource is not None else "unmatched"
+        self.http_responses.labels(str(response.status), route).inc()
 
     def tracker(self, arrival: float) -> RequestTracker:
         return RequestTracker(self, arrival)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pydantic.json_schema import models_json_schema
 
 from scalellm_jax.server import protocol
+from scalellm_jax.server.live_state import ServerStateView
+from scalellm_jax.server.playground import ASSETS
 
 _REQUESTS = (protocol.CompletionRequest, protocol.ChatCompletionRequest)
 _OPTIONAL_MODEL = (protocol.TokenizeRequest, protocol.DetokenizeRequest)  # vLLM's: the model may be left out
 _RESPONSES = (protocol.CompletionResponse, protocol.ChatCompletionResponse, protocol.ChatCompletionChunk,
               protocol.ModelList, protocol.ModelCard, protocol.TokenizeResponse, protocol.DetokenizeResponse,
-              protocol.ErrorResponse)
+              protocol.ErrorResponse, ServerStateView)
 
 
 _TOKENIZER_INFO = {
@@ -28,7 +30,7 @@ def _ref(model) -> dict:
 
 def _errors(*statuses: int) -> dict:
     reasons = {400: "Invalid request (the error's param names the field)", 401: "Missing or wrong API key",
-               404: "No such model",
+               404: "No such model (or file)",
                429: "Queue full; retry after the Retry-After header's seconds", 500: "The engine failed this request",
                503: "The model is still loading, or the engine stopped"}
     return {str(s): _content(reasons[s], protocol.ErrorResponse) for s in statuses}
@@ -107,6 +109,20 @@ def openapi_document(model_name: str, secured: bool) -> dict:
                 "503": _content("Loading, or the engine stopped", schema=status)}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {
                 "200": _content("Text exposition format", media="text/plain", schema={"type": "string"})}}},
+            "/state": {"get": {"summary": "The server's state now: queues, KV cache, prefix cache, tokens generated "
+                                          "(what the playground's live panel polls; the numbers of /metrics)",
+                               "security": [], "responses": {"200": _content("State", ServerStateView)}}},
+            "/": {"get": {"summary": "The playground: a chat and completion page (the API key, when the server "
+                                     "needs one, is typed into the page and sent to /v1/* by the browser)",
+                          "security": [], "responses": {
+                              "200": _content("HTML page", media="text/html", schema={"type": "string"})}}},
+            "/playground/{name}": {"get": {
+                "summary": "The playground page's script and style sheet", "security": [],
+                "parameters": [{"name": "name", "in": "path", "required": True,
+                                "schema": {"type": "string", "enum": sorted(ASSETS)}}],
+                "responses": {"200": {"description": "The file", "content": {
+                    kind: {"schema": {"type": "string"}} for kind in sorted(set(ASSETS.values()))}},
+                    **_errors(404)}}},
         },
         "components": {"schemas": top["$defs"]},
     }
