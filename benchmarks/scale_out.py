@@ -18,7 +18,8 @@ layout once per repeat, in alternating order (drift on this shared host hits all
 Workload and client are ``benchmarks.serving``'s: AlpacaEval prompts with Mixtral-8x7B-Instruct's real
 answer lengths (capped by ``--max-tokens``, ``ignore_eos``), streamed completions, closed loops of
 ``concurrency`` clients in one asyncio process. The result records, per run, the whole machine's CPU
-use (``/proc/stat``): near 100% means the host, not the simulated GPUs, set the pace.
+use (``/proc/stat``; other jobs on a shared host count too) and the cores the layout's processes and the
+client used: together near the host's core count means the host, not the simulated GPUs, set the pace.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from benchmarks.provenance import git_state, write_result
 from benchmarks.serving import (
     SIMULATED_ENGINE,
     HTTPTarget,
+    cpu_seconds,
     load_workload,
     run_closed,
     start_server,
@@ -116,6 +118,8 @@ def compare(runs: list[dict], layouts: list[str]) -> dict:
                 "each_repeat_ttft_p50_ms": [s["ttft_ms"]["p50"] for s in mine],
                 "each_repeat_ttft_p99_ms": [s["ttft_ms"]["p99"] for s in mine],
                 "machine_cpu_busy": [s["machine_cpu_busy"] for s in mine],
+                "layout_cpu_cores": [s["layout_cpu_cores"] for s in mine],
+                "client_cpu_cores": [s["client_cpu_cores"] for s in mine],
                 "failed": sum(s["failed"] for s in mine),
             }
             if name != base:
@@ -127,7 +131,12 @@ def compare(runs: list[dict], layouts: list[str]) -> dict:
     return report
 
 
-async def measure(urls: dict[str, str], work, args) -> list[dict]:
+def processes_cpu(pids: list[int]) -> float:
+    """CPU seconds used so far by these processes (all their threads)."""
+    return sum(cpu_seconds(pid) or 0.0 for pid in pids)
+
+
+async def measure(urls: dict[str, str], pids: dict[str, list[int]], work, args) -> list[dict]:
     runs = []
     async with contextlib.AsyncExitStack() as stack:
         targets = {name: await stack.enter_async_context(HTTPTarget(url, model="bench")) for name, url in urls.items()}
@@ -140,14 +149,21 @@ async def measure(urls: dict[str, str], work, args) -> list[dict]:
             for repeat in range(args.repeats):
                 for name in names if repeat % 2 == 0 else names[::-1]:  # alternate: drift hits every layout
                     busy, total = machine_cpu()
+                    served, client = processes_cpu(pids[name]), cpu_seconds()
                     results, duration = await run_closed(targets[name].send, batch, level)
                     busy2, total2 = machine_cpu()
                     summary = summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+                    # The whole machine (shared: other jobs count too), and the cores this layout's
+                    # processes (servers, HAProxy) and the client used: what the host gave the run.
                     summary["machine_cpu_busy"] = (busy2 - busy) / max(1, total2 - total)
+                    summary["layout_cpu_cores"] = (processes_cpu(pids[name]) - served) / duration
+                    summary["client_cpu_cores"] = (cpu_seconds() - client) / duration
                     ttft = summary["ttft_ms"]
                     print(f"{name:>14} c={level:<5} rep {repeat}: {summary['completed']:>5} ok {summary['failed']} "
                           f"failed  {summary['output_tokens_per_s']:8.0f} tok/s  TTFT p50 {ttft['p50']:8.1f} "
-                          f"p99 {ttft['p99']:8.1f} ms  host CPU {100 * summary['machine_cpu_busy']:.0f}%", flush=True)
+                          f"p99 {ttft['p99']:8.1f} ms  host CPU {100 * summary['machine_cpu_busy']:.0f}%, cores: "
+                          f"servers {summary['layout_cpu_cores']:.2f} client {summary['client_cpu_cores']:.2f}",
+                          flush=True)
                     runs.append({"layout": name, "concurrency": level, "repeat": repeat, "requests": count,
                                  "summary": summary})
     return runs
@@ -229,11 +245,11 @@ def main(argv: list[str] | None = None) -> int:
                      "mean_output_tokens": statistics.fmean(w.max_tokens for w in work)},
     }
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="scale-out-logs-") as logs:
-        urls = {}
+        urls, pids = {}, {}
         for name in args.layouts:
             started = time.monotonic()
-            urls[name], pids = LAYOUTS[name].start(args, stack, pathlib.Path(logs))
-            print(f"{name}: {urls[name]} (pids {pids}) up in {time.monotonic() - started:.1f} s", flush=True)
+            urls[name], pids[name] = LAYOUTS[name].start(args, stack, pathlib.Path(logs))
+            print(f"{name}: {urls[name]} (pids {pids[name]}) up in {time.monotonic() - started:.1f} s", flush=True)
         try:
             import uvloop
 
@@ -241,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             loop_factory = None
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            result["runs"] = runner.run(measure(urls, work, args))
+            result["runs"] = runner.run(measure(urls, pids, work, args))
     result["comparison"] = compare(result["runs"], args.layouts)
     for level, entry in result["comparison"].items():
         for name, figures in entry.items():
