@@ -13,6 +13,7 @@ import io
 import os
 import pathlib
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -51,6 +52,16 @@ def render_config(replicas: int, template: str | None = None) -> str:
     return "".join(lines[:first] + new + lines[first + len(found):])
 
 
+def _connection_limit() -> list[str]:
+    """``-n N`` where this process may not open the file descriptors the config's maxconn needs (two per
+    connection; HAProxy refuses to start if it cannot raise its limit that far), else nothing."""
+    wanted = int(re.search(r"^\s*maxconn (\d+)", CONFIG.read_text(), re.M).group(1))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard >= 2 * wanted + 100:
+        return []
+    return ["-n", str(max(64, (hard - 100) // 2))]
+
+
 class HAProxy:
     """``haproxy -f <the recipe's config>`` for ``replicas`` (host:port each) on free local ports; its log
     is kept in ``log``. ``url`` is the OpenAI endpoint's base, ``stats_url`` HAProxy's stats frontend."""
@@ -67,8 +78,8 @@ class HAProxy:
                "SCALELLM_LB_STATS_BIND": f"127.0.0.1:{stats_port}",
                **{f"SCALELLM_REPLICA{k}": address for k, address in enumerate(replicas, 1)}}
         self.url, self.stats_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{stats_port}"
-        self.process = subprocess.Popen([binary, "-f", str(config)], env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen([binary, "-f", str(config), *_connection_limit()], env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.log: list[str] = []
         self._reader = threading.Thread(target=lambda: self.log.extend(self.process.stdout), daemon=True)
         self._reader.start()
