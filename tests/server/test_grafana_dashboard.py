@@ -4,6 +4,8 @@ The exported names and labels come from a live scrape of a test server that has 
 labelled series exist), never from a list kept by hand: a metric renamed in the server fails here. Each
 PromQL query is taken apart into the metric names and the label names it uses; ``histogram_quantile`` must
 read ``_bucket`` series aggregated by ``le``; every query is scoped by the dashboard's replica variable.
+The load balancer's panel reads HAProxy's own series (``tests/server/test_deploy_configs.py`` checks them
+against a live HAProxy).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_helpers import ROOT, call
 
 DASHBOARD = pathlib.Path(ROOT) / "server" / "grafana" / "scalellm.json"
-# added by Prometheus to every scraped series (the scrape config's job, the target's address)
-TARGET_LABELS = {"job", "instance"}
+# added to every scraped series by server/prometheus.yml (the scrape job, the replica's address or pod)
+TARGET_LABELS = {"job", "replica"}
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
 
 
@@ -41,8 +43,14 @@ def dashboard() -> dict:
     return json.loads(DASHBOARD.read_text())
 
 
+def server_panels(board: dict) -> list[dict]:
+    """The panels over the server's series (all but the load balancer's, which reads HAProxy's)."""
+    return [panel for panel in board["panels"]
+            if not any("haproxy_" in target["expr"] for target in panel.get("targets", []))]
+
+
 def queries(board: dict) -> list[str]:
-    found = [target["expr"] for panel in board["panels"] for target in panel.get("targets", [])]
+    found = [target["expr"] for panel in server_panels(board) for target in panel.get("targets", [])]
     for variable in board["templating"]["list"]:
         if variable["type"] == "query":
             found.append(variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"])
@@ -80,12 +88,12 @@ def quantile_arguments(expr: str) -> list[str]:
 
 
 def test_the_parser_sees_metrics_and_labels():
-    metrics, labels = parse('histogram_quantile(0.9, sum by (instance, le) (rate(x_bucket{job=~"$job", a="1"}'
-                            '[$__rate_interval]))) / sum(y_total{instance=~"$instance"})')
-    assert metrics == {"x_bucket", "y_total"} and labels == {"instance", "le", "job", "a"}
+    metrics, labels = parse('histogram_quantile(0.9, sum by (replica, le) (rate(x_bucket{job=~"$job", a="1"}'
+                            '[$__rate_interval]))) / sum(y_total{replica=~"$replica"})')
+    assert metrics == {"x_bucket", "y_total"} and labels == {"replica", "le", "job", "a"}
     assert quantile_arguments("histogram_quantile(0.5, sum by (le) (rate(a_bucket[5m]))) + b") == [
         " sum by (le) (rate(a_bucket[5m]))"]
-    assert parse('label_values(m{job=~"$job"}, instance)') == ({"m"}, {"job", "instance"})
+    assert parse('label_values(m{job=~"$job"}, replica)') == ({"m"}, {"job", "replica"})
 
 
 def test_the_dashboard_is_an_importable_grafana_dashboard():
@@ -93,7 +101,7 @@ def test_the_dashboard_is_an_importable_grafana_dashboard():
     assert board["title"] and board["uid"] and board["schemaVersion"] >= 36
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    assert variables["instance"]["multi"] and variables["instance"]["includeAll"]  # one replica, several or all
+    assert variables["replica"]["multi"] and variables["replica"]["includeAll"]  # one replica, several or all
     ids = [panel["id"] for panel in board["panels"]]
     assert len(ids) == len(set(ids))
     for panel in board["panels"]:
@@ -129,11 +137,11 @@ def test_histogram_quantile_reads_buckets_by_le(exported):
 
 
 def test_every_panel_query_is_scoped_to_the_selected_replicas():
-    for panel in dashboard()["panels"]:
+    for panel in server_panels(dashboard()):
         for target in panel.get("targets", []):
             selectors = re.findall(r"[a-zA-Z_:][\w:]*\{([^}]*)\}", target["expr"])
             assert selectors, target["expr"]
-            assert all('instance=~"$instance"' in s for s in selectors), target["expr"]
+            assert all('replica=~"$replica"' in s for s in selectors), target["expr"]
 
 
 def test_the_dashboard_covers_serving_operations():

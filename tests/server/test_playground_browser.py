@@ -1,7 +1,7 @@
 """The playground at ``GET /`` in a real browser: Debian's headless Chromium, driven through chromedriver by
 Selenium, against ``make serve``'s demo model started with an API key.
 
-Chromium and chromium-driver are Debian packages (``make browser-deps`` installs them; ``.ci/run`` calls it); the
+Chromium and chromium-driver are Debian packages (``make system-packages`` installs them; ``.ci/run`` calls it); the
 tests skip, with one line saying so, only where they are not installed. Nothing is downloaded: Selenium gets the
 driver's path, Chromium starts with every background network feature off and a fresh profile. The screenshot of
 the page (a streamed answer and the state panel) is kept under pytest's temporary folder, its path printed;
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow  # the demo server's start (~15-20 s of compiling 
 
 if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
     pytest.skip(f"no browser: {CHROMIUM} and {CHROMEDRIVER} are not installed (Debian's chromium and chromium-driver; "
-                "`make browser-deps` installs them)", allow_module_level=True)
+                "`make system-packages` installs them)", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402 - after the skip: only where a browser exists
 from selenium.webdriver.chrome.service import Service  # noqa: E402
