@@ -316,7 +316,10 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _state(request: web.Request) -> web.Response:
-    view = live_state.snapshot(request.app[STATE])
+    state = request.app[STATE]
+    view = live_state.snapshot(model=state.config.model_name, simulated_device=state.config.simulated_device,
+                               served=state.served, draining=state.draining,
+                               generation_tokens=state.metrics.generation_tokens.value)
     return web.Response(body=view.model_dump_json(), content_type="application/json")
 
 

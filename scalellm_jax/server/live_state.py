@@ -8,12 +8,9 @@ small JSON body per poll. Like ``/metrics`` it needs no API key (it says nothing
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
-
-if TYPE_CHECKING:
-    from scalellm_jax.server.app import ServerState
 
 
 class RequestCounts(BaseModel):
@@ -49,11 +46,12 @@ class ServerStateView(BaseModel):
                                                "two snapshots over their time difference)")
 
 
-def snapshot(state: ServerState) -> ServerStateView:
-    """The state now (call on the event loop: the per-token counters belong to it)."""
-    served = state.served
+def snapshot(*, model: str, simulated_device: str | None, served, draining: bool,
+             generation_tokens: float) -> ServerStateView:
+    """The state now of a server for ``model`` whose loaded model is ``served`` (None while loading), with
+    its metrics' ``generation_tokens`` (call on the event loop: the per-token counters belong to it)."""
     stats = served.engine.stats if served is not None else None
-    if state.draining:
+    if draining:
         status = "shutting down"
     elif served is None:
         status = "loading"
@@ -64,7 +62,7 @@ def snapshot(state: ServerState) -> ServerStateView:
     queries = stats.prefix_cache_queries if stats else 0
     hits = stats.prefix_cache_hits if stats else 0
     return ServerStateView(
-        status=status, model=state.config.model_name, simulated_device=state.config.simulated_device,
+        status=status, model=model, simulated_device=simulated_device,
         time=time.time(), max_num_seqs=served.info.max_num_seqs if served is not None else None,
         requests=RequestCounts(running=stats.num_running if stats else 0, waiting=stats.num_waiting if stats else 0,
                                swapped=stats.num_swapped if stats else 0),
@@ -73,5 +71,5 @@ def snapshot(state: ServerState) -> ServerStateView:
                               pages_cached=stats.kv_pages_cached if stats else 0),
         prefix_cache=PrefixCacheState(queries=queries, hits=hits, hit_rate=hits / queries if queries else None),
         preemptions=stats.num_preemptions if stats else 0,
-        generation_tokens=int(state.metrics.generation_tokens.value),
+        generation_tokens=int(generation_tokens),
     )
