@@ -8,9 +8,13 @@ processes before running it; each of those runs a ``FollowerRunner.follow`` loop
 operation and runs it on its own runner. The step's sampled tokens come out replicated, so process 0
 reads them from its own devices.
 
-The transport is JAX's own collective, ``multihost_utils.broadcast_one_to_all`` (gloo between CPU
-processes, NCCL between GPUs): a fixed-shape header with the message length, then the pickled message
-padded to a power-of-two length (so a few shapes compile). The operations are small (a step's
+The transport is JAX's own collective over the hosts' CPUs: a sum over a mesh of every process's CPU
+devices (gloo over TCP, which ``scalellm_jax.distributed`` configures): a fixed-shape header with the
+message length, then the pickled message padded to a power-of-two length (so a few shapes compile).
+The CPU, not the accelerator: a GPU runs its programs in order on one stream, so a broadcast there
+would wait for the step in flight and the next step could not be prepared and sent while the device
+works (``multihost_utils.broadcast_one_to_all`` runs on the default backend). vLLM and SGLang send
+their step metadata over a CPU (gloo) group for the same reason. The operations are small (a step's
 inputs are numpy arrays of a few kilobytes); the KV cache and weights never move.
 
 Failures stop every process, never hang one: a collective whose peer died fails at once (the
@@ -28,6 +32,7 @@ import logging
 import pickle
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from scalellm_jax.config import ConfigError
@@ -52,13 +57,23 @@ class Operation:
 
 
 class StepChannel:
-    """Process 0 → every process: pickled ``Operation``s over ``broadcast_one_to_all``."""
+    """Process 0 → every process: pickled ``Operation``s, broadcast over the processes' CPU devices."""
 
     def __init__(self):
-        from jax.experimental import multihost_utils
-
-        self._broadcast = multihost_utils.broadcast_one_to_all
+        devices = _host_devices()
+        mesh = jax.sharding.Mesh(np.array(devices).reshape(jax.process_count(), -1), ("processes", "local"))
+        self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("processes"))
+        # the source contributes its message, every other process zeros: the sum is the message
+        self._sum = jax.jit(lambda x: jnp.sum(x, axis=0, dtype=x.dtype),
+                            out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         self.is_source = jax.process_index() == 0
+
+    def _broadcast(self, value: np.ndarray) -> np.ndarray:
+        if jax.process_count() == 1:
+            return value
+        local = (value if self.is_source else np.zeros_like(value))[None]
+        stacked = jax.make_array_from_process_local_data(self._sharding, local, (jax.process_count(), *value.shape))
+        return np.asarray(self._sum(stacked).addressable_data(0))
 
     def send(self, operation: Operation) -> None:
         data = pickle.dumps(operation, protocol=pickle.HIGHEST_PROTOCOL)
@@ -209,6 +224,18 @@ def for_processes(runner, description: dict):
         logger.info("leading %d processes: every step runs on all of them", jax.process_count())
         return LeaderRunner(runner, channel)
     return FollowerRunner(runner, channel)
+
+
+def _host_devices() -> list:
+    """Every process's CPU devices, process by process. The CPU backend spans the processes once
+    ``jax.distributed`` has started (on GPU hosts too); where it does not, the default backend's devices."""
+    devices = sorted(jax.devices("cpu"), key=lambda d: (d.process_index, d.id))
+    count = jax.process_count()
+    if {d.process_index for d in devices} == set(range(count)) and len(devices) % count == 0:
+        return devices
+    logger.warning("the CPU backend does not span the processes: step operations go over the accelerators' "
+                   "collectives, which wait for the step in flight")
+    return sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
 
 
 def _first_line(exc: BaseException) -> str:
