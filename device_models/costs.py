@@ -9,6 +9,10 @@ and a fixed per-step cost. Swaps move KV pages over the host link.
 
 Everything is per device: under tensor parallelism each device holds ``1/tp`` of every matrix and
 of the KV heads; under expert parallelism ``1/ep`` of the experts (and their tokens).
+
+The ``tp x ep`` devices may span ``hosts`` hosts (one engine over several processes), tensor-parallel
+devices packed within a host first, as the engine's mesh orders them: a collective whose group spans
+hosts runs at the slowest link of its ring, the network's, and pays the network's latency.
 """
 
 from __future__ import annotations
@@ -50,19 +54,24 @@ class StepWork:
 
 class DeviceCostModel:
     """Seconds per step and per swap for ``shape`` on ``profile`` (weights ``itemsize`` bytes, KV
-    ``kv_itemsize``: 1 for int8 pages), over ``tp`` x ``ep`` devices."""
+    ``kv_itemsize``: 1 for int8 pages), over ``tp`` x ``ep`` devices on ``hosts`` hosts."""
 
     def __init__(self, profile: DeviceProfile, shape: ModelShape, calibration: Calibration | None = None, *,
-                 itemsize: int = 2, kv_itemsize: int = 2, tp: int = 1, ep: int = 1):
+                 itemsize: int = 2, kv_itemsize: int = 2, tp: int = 1, ep: int = 1, hosts: int = 1):
         if itemsize not in (1, 2, 4) or kv_itemsize not in (1, 2, 4):
             raise ValueError(f"itemsize and kv_itemsize must be 1, 2 or 4 bytes, got {itemsize}, {kv_itemsize}")
         if tp < 1 or ep < 1 or shape.num_experts % ep:
             raise ValueError(f"tp and ep must be >= 1 and ep must divide num_experts, got tp={tp}, ep={ep}")
+        if hosts < 1 or (tp * ep) % hosts:
+            raise ValueError(f"hosts must divide the tp x ep = {tp * ep} devices, got hosts={hosts}")
         self.profile, self.shape = profile, shape
         self.calibration = calibration or load_calibration(profile.name)
         if self.calibration.device != profile.name:
             raise ValueError(f"calibration is for {self.calibration.device!r}, not {profile.name!r}")
-        self.itemsize, self.kv_itemsize, self.tp, self.ep = itemsize, kv_itemsize, tp, ep
+        self.itemsize, self.kv_itemsize, self.tp, self.ep, self.hosts = itemsize, kv_itemsize, tp, ep, hosts
+        per_host = tp * ep // hosts
+        self._tp_crosses_hosts = tp > per_host
+        self._ep_crosses_hosts = hosts > 1 and ep > 1
         s = shape
         self._kv_shards = min(tp, s.num_kv_heads)
         self.kv_bytes_per_token = s.kv_bytes_per_token(kv_itemsize) / self._kv_shards  # per device
@@ -75,6 +84,7 @@ class DeviceCostModel:
         """What a result file should record about the modelled device."""
         return {"device": self.profile.name, "model_shape": dataclasses.asdict(self.shape),
                 "itemsize": self.itemsize, "kv_itemsize": self.kv_itemsize, "tp": self.tp, "ep": self.ep,
+                "hosts": self.hosts,
                 "profile": dataclasses.asdict(self.profile), "calibration": self.calibration.to_json(),
                 "calibrated_from_gpu_run": self.calibration.measured}
 
@@ -97,15 +107,24 @@ class DeviceCostModel:
 
     def collective_s(self, work: StepWork) -> float:
         """Tensor parallelism: two all-reduces of the hidden states per layer (ring: 2(n-1)/n of the data
-        per device); expert parallelism: the routed tokens' dispatch and combine (all-to-all)."""
+        per device); expert parallelism: the routed tokens' dispatch and combine (all-to-all). Over NVLink
+        within a host; a group that spans hosts over the network, plus its latency per collective."""
         s, n = self.shape, work.padded_tokens
-        moved = 0.0
+        seconds = 0.0
         if self.tp > 1:
-            moved += 2 * s.num_layers * 2 * (self.tp - 1) / self.tp * n * s.hidden_size * self.itemsize
+            moved = 2 * s.num_layers * 2 * (self.tp - 1) / self.tp * n * s.hidden_size * self.itemsize
+            seconds += self._over(moved, 2 * s.num_layers, self._tp_crosses_hosts)
         if self.ep > 1:
             routed = n * s.num_experts_per_tok * s.hidden_size * self.itemsize
-            moved += 2 * s.num_layers * (self.ep - 1) / self.ep * routed
-        return moved / (self.profile.interconnect_bps * self.calibration.interconnect_efficiency)
+            moved = 2 * s.num_layers * (self.ep - 1) / self.ep * routed
+            seconds += self._over(moved, 2 * s.num_layers, self._ep_crosses_hosts)
+        return seconds
+
+    def _over(self, moved: float, collectives: int, across_hosts: bool) -> float:
+        efficiency = self.calibration.interconnect_efficiency
+        if not across_hosts:
+            return moved / (self.profile.interconnect_bps * efficiency)
+        return moved / (self.profile.network_bps * efficiency) + collectives * self.profile.network_latency_s
 
     def step_s(self, work: StepWork) -> float:
         """Seconds of one step (0 for an empty one)."""

@@ -62,14 +62,17 @@ class LLMEngine:
             choices = PlatformChoices.for_platform(jax.default_backend(), config.attention_kernels, model.dtype)
             runner = ModelRunner(model, resolved, choices=choices, interpret=interpret)
             # under jax.distributed: process 0 leads, the others repeat its device work (``follow``)
-            self.runner = lockstep.for_processes(runner, _description(resolved, choices))
+            self.runner = lockstep.for_processes(runner, _description(
+                resolved, kernels=choices.kernels, moe_impl=choices.moe_impl,
+                few_token_options=choices.few_token_options))
             kernels = choices.kernels
         else:
-            if jax.process_count() > 1:
-                raise ConfigError("simulated_device: a simulated device runs in one process (it has no "
-                                  "multi-process mode); unset SCALELLM_COORDINATOR")
-            self.runner = SimulatedRunner(simulated, resolved)
             kernels = f"simulated {simulated.device}"
+            if simulated.hosts != jax.process_count():
+                raise ConfigError(f"simulated_device: the simulated devices span {simulated.hosts} hosts but "
+                                  f"{jax.process_count()} processes run the engine")
+            self.runner = lockstep.for_processes(SimulatedRunner(simulated, resolved),
+                                                 _description(resolved, kernels=kernels))
         self.kv = KVManager.for_engine(resolved)
         self.step_costs = StepCostModel(decode_buckets=self.runner.seq_buckets)
         alise = AliseConfig(aging_rate=config.aging_rate)
@@ -317,14 +320,15 @@ class LLMEngine:
         )
 
 
-def _description(resolved: ResolvedConfig, choices: PlatformChoices) -> dict:
-    """What must be equal on every process of a multi-process engine (``lockstep.check_same_engine``)."""
+def _description(resolved: ResolvedConfig, **choices) -> dict:
+    """What must be equal on every process of a multi-process engine (``lockstep.check_same_engine``):
+    the resolved options, and the platform ``choices`` (kernels and the like)."""
     return {
         **{f"engine.{k}": v for k, v in dataclasses.asdict(resolved.engine).items() if k != "seed"},
         **{f"model.{k}": v for k, v in dataclasses.asdict(resolved.model).items()},
         "dtype": str(resolved.dtype), "tp": resolved.tp, "ep": resolved.ep, "num_pages": resolved.num_pages,
-        "max_pages_per_seq": resolved.max_pages_per_seq, "kernels": choices.kernels, "moe_impl": choices.moe_impl,
-        "few_token_options": choices.few_token_options, "platform": jax.default_backend(), "jax": jax.__version__,
+        "max_pages_per_seq": resolved.max_pages_per_seq, **choices, "platform": jax.default_backend(),
+        "jax": jax.__version__,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -75,6 +76,7 @@ class LLM:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_source)
         lengths = load_workload_lengths(lengths_path, self.tokenizer) if lengths_path is not None else {}
         simulated = SimulatedDevice(device, model_config, itemsize=np.dtype(self.model.dtype).itemsize, tp=tp, ep=ep,
+                                    hosts=jax.process_count(),  # one simulated host per process
                                     lengths=lengths, lengths_path=lengths_path, seed=config.seed)
         self.engine = LLMEngine(self.model, config, tokenizer=self.tokenizer, simulated=simulated)
 

@@ -156,11 +156,12 @@ class LeaderRunner:
             self._both("swap", swap_out, swap_in)
 
     def finish_swaps(self) -> None:
-        if self._runner.swapper is not None and self._runner.swapper.has_in_flight:
+        swapper = getattr(self._runner, "swapper", None)  # a simulated device's swaps are timed, not copied
+        if swapper is not None and swapper.has_in_flight:
             self._both("finish_swaps")
 
     def drop_swapped(self, request_id: str) -> None:
-        if self._runner.swapper is not None:
+        if getattr(self._runner, "swapper", None) is not None:
             self._both("drop_swapped", request_id)
 
     def warmup(self, progress: bool = True) -> None:

@@ -11,6 +11,11 @@ Dispatch is asynchronous as on a GPU: ``execute`` returns at once with results t
 readable when the simulated device finishes the step (steps queue behind each other), so the
 engine's host work for one step overlaps the device's next step exactly as it does for real.
 
+Across processes (``SCALELLM_COORDINATOR``: one engine over several hosts) the engine runs as a real
+one does: process 0 leads and sends every step to the others over ``engine.lockstep``'s channel (the
+real transport, timed as it is), each process's simulated device takes the step's time, and the cost
+model puts the collectives whose device group spans the hosts on the network.
+
 The tokens are not a model's (logit controls such as ``logit_bias`` have no effect): random ids,
 except that a request whose prompt is in the workload file (``lengths_path``: JSONL rows of
 ``instruction`` and ``output``) ends with EOS after as many tokens as that row's answer had, so a
@@ -51,6 +56,7 @@ class SimulatedDevice:
     itemsize: int = 2  # weights' bytes per value (bfloat16, as served on a GPU)
     tp: int = 1
     ep: int = 1
+    hosts: int = 1  # the tp x ep devices span this many hosts (one engine over several processes)
     lengths: dict = dataclasses.field(default_factory=dict, repr=False)  # prompt ids (tuple) -> answer tokens
     # request id -> answer tokens, before ``lengths``: for a benchmark that gives each request its own
     # length (two requests with one prompt may differ). Read when a request first samples; may be
@@ -79,11 +85,13 @@ class SimulatedDevice:
 
     def cost_model(self, kv_itemsize: int) -> DeviceCostModel:
         return DeviceCostModel(self.profile, ModelShape.of(self.model_config), itemsize=self.itemsize,
-                               kv_itemsize=kv_itemsize, tp=self.tp, ep=self.ep)
+                               kv_itemsize=kv_itemsize, tp=self.tp, ep=self.ep, hosts=self.hosts)
 
     def describe(self) -> str:
         lengths = f", answer lengths of {len(self.lengths)} prompts from {self.lengths_path}" if self.lengths else ""
-        return (f"SIMULATED {self.device} (device_models cost model, tp={self.tp}, ep={self.ep}): no model runs, "
+        hosts = f" over {self.hosts} hosts" if self.hosts > 1 else ""
+        return (f"SIMULATED {self.device} (device_models cost model, tp={self.tp}, ep={self.ep}{hosts}): "
+                f"no model runs, "
                 f"output tokens are random{lengths}")
 
 

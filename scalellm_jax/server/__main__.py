@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         # before the loading thread's first JAX call starts the backends
         configure_allocator(options.get("gpu_memory_utilization", EngineConfig.gpu_memory_utilization))
         try:
-            leader = multiprocess.join(args.simulate_device)
+            leader = multiprocess.join()
         except ConfigError as exc:
             raise CLIError(str(exc)) from None
         if not leader:  # a follower process: no HTTP, it repeats process 0's steps

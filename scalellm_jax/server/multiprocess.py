@@ -19,18 +19,16 @@ import os
 import sys
 from collections.abc import Callable
 
-from scalellm_jax.config import ConfigError
-
 logger = logging.getLogger("scalellm_jax.server")
 
 _joined = False  # this process joined a multi-process runtime
 _abandoned = False  # process 0 stopped before its engine ran: the followers were never released
 
 
-def join(simulate_device: str | None) -> bool:
+def join() -> bool:
     """Join the other processes when ``SCALELLM_COORDINATOR`` is set; True on process 0 or without it.
 
-    Raises ``ConfigError`` naming the variable (or option) that is wrong.
+    Raises ``ConfigError`` naming the variable that is wrong.
     """
     global _joined
     from scalellm_jax import distributed  # imports JAX: keep `--help` fast
@@ -38,9 +36,6 @@ def join(simulate_device: str | None) -> bool:
     config = distributed.DistributedConfig.from_env()
     if config is None:
         return True
-    if simulate_device is not None:
-        raise ConfigError("--simulate-device: a simulated device runs in one process; unset "
-                          f"{distributed.COORDINATOR} (or drop --simulate-device)")
     distributed.initialize(config)
     import jax
 
@@ -79,7 +74,7 @@ def follow(model: str, build_options: Callable[[], dict]) -> int:
     except LockstepError as exc:
         print(f"error: process {rank}: {exc}; stopping", file=sys.stderr)
         return 1
-    swapper = llm.engine.runner.swapper
+    swapper = getattr(llm.engine.runner, "swapper", None)  # a simulated device has none
     swaps = f" ({swapper.num_swap_outs} swap-outs, {swapper.num_swap_ins} swap-ins)" if swapper is not None else ""
     logger.info("process %d: process 0 closed the engine after %d steps%s; exiting", rank, steps, swaps)
     return 0

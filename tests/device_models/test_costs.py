@@ -78,6 +78,28 @@ def test_tensor_parallel_splits_the_weights_and_pays_collectives():
         model(ep=3)
 
 
+def test_collectives_across_hosts_go_over_the_network():
+    work = StepWork.decode(64, 512)
+    within, across = model(tp=2), model(tp=2, hosts=2)
+    profile, efficiency = across.profile, across.calibration.interconnect_efficiency
+    # the same bytes, over the network's bandwidth instead of NVLink's, plus one latency per all-reduce
+    moved = within.collective_s(work) * profile.interconnect_bps * efficiency
+    layers = across.shape.num_layers
+    assert across.collective_s(work) == pytest.approx(moved / (profile.network_bps * efficiency)
+                                                      + 2 * layers * profile.network_latency_s)
+    assert across.collective_s(work) > 5 * within.collective_s(work)
+    assert across.memory_s(work) == within.memory_s(work)  # only the collectives move
+    # tensor=2 within each of two hosts, experts across them: only the experts' all-to-all crosses
+    mixed, local = model(tp=2, ep=2, hosts=2), model(tp=2, ep=2)
+    tp_part = within.collective_s(work)
+    ep_moved = (local.collective_s(work) - tp_part) * profile.interconnect_bps * efficiency
+    assert mixed.collective_s(work) == pytest.approx(tp_part + ep_moved / (profile.network_bps * efficiency)
+                                                     + 2 * layers * profile.network_latency_s)
+    assert model(tp=2, ep=2, hosts=2).describe()["hosts"] == 2
+    with pytest.raises(ValueError, match="hosts must divide"):
+        model(tp=2, hosts=3)
+
+
 def test_swap_time_is_bytes_over_the_host_link():
     m = model("a100-40gb", "opt-13b")
     assert m.swap_s(32e9) == pytest.approx(1 / m.calibration.host_link_efficiency)

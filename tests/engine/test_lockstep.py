@@ -107,11 +107,11 @@ def test_one_process_runs_its_own_runner():
     assert lockstep.for_processes(sentinel, {}) is sentinel
 
 
-def test_a_simulated_device_refuses_multiple_processes(monkeypatch):
+def test_a_simulated_device_must_span_the_processes_that_run_it(monkeypatch):
     from scalellm_jax.engine.simulated_device import SimulatedDevice
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     model = scalellm_jax.Model(CONFIG, params=None, dtype="bfloat16")
-    with pytest.raises(ConfigError, match="simulated_device: a simulated device runs in one process"):
+    with pytest.raises(ConfigError, match="simulated devices span 1 hosts but 2 processes run the engine"):
         LLMEngine(model, EngineConfig(page_size=4, max_num_seqs=4, max_num_batched_tokens=16),
                   simulated=SimulatedDevice("h200", CONFIG, itemsize=2))

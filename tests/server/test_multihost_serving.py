@@ -178,3 +178,16 @@ def test_a_killed_leader_stops_the_follower(group_factory):
     log = "".join(two.logs[1])
     assert "error: process 1: lost another process of this engine" in log
     assert "Traceback" not in log
+
+
+def test_a_simulated_device_spans_processes_as_a_real_one_does(group_factory):
+    """Two processes on simulated H200s with tensor=2 across them (what ``benchmarks.scale_out`` measures):
+    process 0 sends every step over the real lockstep channel, process 1 runs each one."""
+    two = group_factory(2, 1, "--simulate-device", "h200", "--tensor-parallel-size", "2", "--max-num-seqs", "8")
+    completion = two.client().completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12)
+    assert completion.usage.completion_tokens == 12  # a simulated answer has no EOS unless a workload gives one
+    two.processes[0].send_signal(signal.SIGTERM)
+    assert two.wait(0) == 0 and two.wait(1) == 0, two.log_text()
+    assert "tp=2, ep=1 over 2 hosts" in "".join(two.logs[0]), two.log_text()
+    steps = re.search(r"process 0 closed the engine after (\d+) steps", "".join(two.logs[1]))
+    assert steps and int(steps.group(1)) >= 12, two.log_text()  # a prefill and a decode step per further token
