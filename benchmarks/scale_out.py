@@ -8,12 +8,16 @@ cost model's time and costs the host no CPU, so what runs on the host is everyth
 
 - ``one-replica``: one ``python -m scalellm_jax.server``, one GPU, the client straight to it;
 - ``two-replicas``: two servers (a GPU each) behind HAProxy with the recipe's config
-  (``server/haproxy/haproxy.cfg``: least outstanding requests), the client to HAProxy.
+  (``server/haproxy/haproxy.cfg``: least outstanding requests), the client to HAProxy;
+- ``tensor2-two-hosts``: one engine with tensor=2 over two processes (``SCALELLM_COORDINATOR``), one GPU
+  each, as on two hosts: process 0 serves and sends every step to process 1 over the engine's lockstep
+  channel (the real transport, here over loopback); the cost model puts the tensor-parallel all-reduces
+  on the network between hosts (``device_models``: a 400 Gb/s NIC per GPU) instead of NVLink.
 
 A layout is an entry of ``LAYOUTS``: how many GPUs it uses and how to start it (``Layout.start`` returns
-the URL the client sends to and the processes it started); one engine with tensor=2 over two processes
-is one more entry. All layouts are started first and stay up; each concurrency level then runs every
-layout once per repeat, in alternating order (drift on this shared host hits all of them).
+the URL the client sends to and the processes it started). All layouts are started first and stay up;
+each concurrency level then runs every layout once per repeat, in alternating order (drift on this
+shared host hits all of them).
 
 Workload and client are ``benchmarks.serving``'s: AlpacaEval prompts with Mixtral-8x7B-Instruct's real
 answer lengths (capped by ``--max-tokens``, ``ignore_eos``), streamed completions, closed loops of
@@ -32,6 +36,7 @@ import datetime
 import os
 import pathlib
 import shlex
+import socket
 import statistics
 import sys
 import tempfile
@@ -65,9 +70,9 @@ class Layout:
     start: Callable[[argparse.Namespace, contextlib.ExitStack, pathlib.Path], tuple[str, list[int]]]
 
 
-def _replica(args, stack: contextlib.ExitStack, log: pathlib.Path):
-    process, url, _ = start_server(MODEL, "bfloat16", args.engine_options, log,
-                                   extra_args=["--simulate-device", args.simulate_device], timeout=300)
+def _replica(args, stack: contextlib.ExitStack, log: pathlib.Path, *, extra_args=(), env=None, wait=True):
+    process, url, _ = start_server(MODEL, "bfloat16", args.engine_options, log, timeout=300, env=env, wait=wait,
+                                   extra_args=["--simulate-device", args.simulate_device, *extra_args])
     stack.callback(stop_server, process)
     return process, url
 
@@ -84,10 +89,29 @@ def _two_replicas(args, stack, log_dir):
     return balancer.url, [p.pid for p, _ in replicas] + [balancer.process.pid]
 
 
+def _tensor2_two_hosts(args, stack, log_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+    tp = ["--tensor-parallel-size", "2"]
+    # process 1 first (it waits for process 0 at the coordinator); stopped after process 0, which releases it
+    follower, _ = _replica(args, stack, log_dir / "tensor2-two-hosts-1.log", extra_args=tp, wait=False,
+                           env=_process_env(coordinator, 1))
+    leader, url = _replica(args, stack, log_dir / "tensor2-two-hosts-0.log", extra_args=tp,
+                           env=_process_env(coordinator, 0))
+    return url, [leader.pid, follower.pid]
+
+
+def _process_env(coordinator: str, rank: int) -> dict:
+    return {"SCALELLM_COORDINATOR": coordinator, "SCALELLM_NUM_PROCESSES": "2", "SCALELLM_PROCESS_ID": str(rank)}
+
+
 LAYOUTS = {
     "one-replica": Layout(1, "one server, one GPU, the client straight to it", _one_replica),
     "two-replicas": Layout(2, "two servers (a GPU each) behind HAProxy (server/haproxy/haproxy.cfg, leastconn)",
                            _two_replicas),
+    "tensor2-two-hosts": Layout(2, "one engine with tensor=2 over two processes (a GPU each, as on two hosts, the "
+                                "all-reduces over the network), the client to process 0", _tensor2_two_hosts),
 }
 
 

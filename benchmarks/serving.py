@@ -343,8 +343,10 @@ def server_flags(options: dict) -> list[str]:
 
 
 def start_server(model: str, dtype: str, options: dict, log_path: pathlib.Path, *, extra_args=(),
-                 cache_dir: str = "", timeout: float = 900.0) -> tuple[subprocess.Popen, str, str]:
-    """Start ``python -m scalellm_jax.server`` on a free port (engine ``options`` as flags); wait for /health."""
+                 cache_dir: str = "", timeout: float = 900.0, env: dict | None = None,
+                 wait: bool = True) -> tuple[subprocess.Popen, str, str]:
+    """Start ``python -m scalellm_jax.server`` on a free port (engine ``options`` as flags, ``env`` added to
+    this process's environment); wait for /health unless ``wait`` is False (a follower process serves none)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -353,9 +355,10 @@ def start_server(model: str, dtype: str, options: dict, log_path: pathlib.Path, 
            "--compilation-cache-dir", cache_dir]
     cmd += [*server_flags(options), *extra_args]
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                               env=None if env is None else {**os.environ, **env})
     url = f"http://127.0.0.1:{port}"
-    if not wait_ready(process, url, log_path, time.monotonic() + timeout):
+    if wait and not wait_ready(process, url, log_path, time.monotonic() + timeout):
         process.terminate()
         raise RuntimeError(f"server not ready after {timeout:.0f} s; see {log_path}")
     return process, url, " ".join(cmd)

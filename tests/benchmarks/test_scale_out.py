@@ -37,7 +37,7 @@ def test_unknown_layouts_are_refused_naming_the_choices(capsys):
 
 @pytest.mark.slow
 @pytest.mark.skipif(haproxy_binary() is None, reason="haproxy is not installed (apt-get install haproxy)")
-def test_one_and_two_replicas_run_side_by_side_on_the_simulated_device(tmp_path):
+def test_every_layout_runs_side_by_side_on_the_simulated_device(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("\n".join(json.dumps({"instruction": f"Question {i}?", "output": "A short answer, in words."})
                               for i in range(4)) + "\n")
@@ -46,10 +46,13 @@ def test_one_and_two_replicas_run_side_by_side_on_the_simulated_device(tmp_path)
                            "--repeats", "2", "--engine", '{"max_num_seqs": 8, "max_num_batched_tokens": 256, '
                            '"max_model_len": 1024}', "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert [r["layout"] for r in result["runs"]] == ["one-replica", "two-replicas", "two-replicas", "one-replica"]
+    order = ["one-replica", "two-replicas", "tensor2-two-hosts"]
+    assert [r["layout"] for r in result["runs"]] == order + order[::-1]
     for run in result["runs"]:
         assert run["summary"]["completed"] == 8 and run["summary"]["failed"] == 0
-        assert run["summary"]["output_tokens"] == 8 * 4  # every answer to its cap (ignore_eos), through HAProxy too
+        assert run["summary"]["output_tokens"] == 8 * 4  # every answer to its cap (ignore_eos), every layout
         assert run["summary"]["layout_cpu_cores"] >= 0  # /proc counts 10 ms ticks: a short run may read 0
     assert "SIMULATED h200" in result["device"]
-    assert len(result["comparison"]["4"]["two-replicas"]["throughput_ratio_vs_one-replica"]) == 2
+    for layout in order[1:]:
+        assert len(result["comparison"]["4"][layout]["throughput_ratio_vs_one-replica"]) == 2
+    assert result["layouts"]["tensor2-two-hosts"]["gpus"] == 2
