@@ -68,10 +68,22 @@ class Layout:
     gpus: int
     description: str
     start: Callable[[argparse.Namespace, contextlib.ExitStack, pathlib.Path], tuple[str, list[int]]]
+    engine_gpus: int = 1  # GPUs one engine spans
 
 
-def _replica(args, stack: contextlib.ExitStack, log: pathlib.Path, *, extra_args=(), env=None, wait=True):
-    process, url, _ = start_server(MODEL, "bfloat16", args.engine_options, log, timeout=300, env=env, wait=wait,
+def engine_options(args, engine_gpus: int) -> dict:
+    """The engine options of a server whose engine spans ``engine_gpus`` GPUs: ``--engine``'s, with
+    ``--seats-per-gpu`` its ``max_num_seqs`` times its GPUs (every GPU of every layout gets as many seats)."""
+    options = dict(args.engine_options)
+    if args.seats_per_gpu and engine_gpus > 1:
+        options["max_num_seqs"] = engine_gpus * options.get("max_num_seqs", SIMULATED_ENGINE["max_num_seqs"])
+    return options
+
+
+def _replica(args, stack: contextlib.ExitStack, log: pathlib.Path, *, extra_args=(), env=None, wait=True,
+             engine_gpus: int = 1):
+    process, url, _ = start_server(MODEL, "bfloat16", engine_options(args, engine_gpus), log, timeout=300, env=env,
+                                   wait=wait,
                                    extra_args=["--simulate-device", args.simulate_device, *extra_args])
     stack.callback(stop_server, process)
     return process, url
@@ -96,9 +108,9 @@ def _tensor2_two_hosts(args, stack, log_dir):
     tp = ["--tensor-parallel-size", "2"]
     # process 1 first (it waits for process 0 at the coordinator); stopped after process 0, which releases it
     follower, _ = _replica(args, stack, log_dir / "tensor2-two-hosts-1.log", extra_args=tp, wait=False,
-                           env=_process_env(coordinator, 1))
+                           env=_process_env(coordinator, 1), engine_gpus=2)
     leader, url = _replica(args, stack, log_dir / "tensor2-two-hosts-0.log", extra_args=tp,
-                           env=_process_env(coordinator, 0))
+                           env=_process_env(coordinator, 0), engine_gpus=2)
     return url, [leader.pid, follower.pid]
 
 
@@ -111,7 +123,8 @@ LAYOUTS = {
     "two-replicas": Layout(2, "two servers (a GPU each) behind HAProxy (server/haproxy/haproxy.cfg, leastconn)",
                            _two_replicas),
     "tensor2-two-hosts": Layout(2, "one engine with tensor=2 over two processes (a GPU each, as on two hosts, the "
-                                "all-reduces over the network), the client to process 0", _tensor2_two_hosts),
+                                "all-reduces over the network), the client to process 0", _tensor2_two_hosts,
+                                engine_gpus=2),
 }
 
 
@@ -225,6 +238,9 @@ def parse_args(argv):
     parser.add_argument("--simulate-device", default="h200", help="the simulated GPU of every replica")
     parser.add_argument("--engine", default=None, help="EngineConfig fields as JSON for every server "
                         f"(default {SIMULATED_ENGINE})")
+    parser.add_argument("--seats-per-gpu", action="store_true",
+                        help="an engine over several GPUs gets max_num_seqs times its GPUs (default: every engine "
+                             "the same options)")
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
     parser.add_argument("--dataset", type=pathlib.Path, default=ALPACA_EVAL)
@@ -262,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         "git": git, "command": "python -m benchmarks.scale_out " + shlex.join(raw_argv),
         "device": f"SIMULATED {args.simulate_device} per GPU (device_models cost model: the step sleeps, no model "
                   f"runs); host: {os.cpu_count()} CPU cores shared by the servers, HAProxy and the client",
-        "model": MODEL, "engine_options": args.engine_options,
-        "layouts": {name: {"gpus": LAYOUTS[name].gpus, "description": LAYOUTS[name].description}
+        "model": MODEL, "engine_options": args.engine_options, "seats_per_gpu": args.seats_per_gpu,
+        "layouts": {name: {"gpus": LAYOUTS[name].gpus, "description": LAYOUTS[name].description,
+                           "engine_options": engine_options(args, LAYOUTS[name].engine_gpus)}
                     for name in args.layouts},
         "workload": {"dataset": str(args.dataset), "max_tokens_cap": args.max_tokens, "distinct_requests": len(work),
                      "mean_output_tokens": statistics.fmean(w.max_tokens for w in work)},

@@ -128,7 +128,10 @@ class LLMEngine:
         self._deltas.tokenizer = tokenizer
 
     def warmup(self, progress: bool = True) -> None:
-        self.runner.warmup(progress)
+        """Compile every step shape; on a multi-process leader, on every process. A follower's is a no-op:
+        the leader's warmup reaches it through ``follow``."""
+        if not isinstance(self.runner, lockstep.FollowerRunner):
+            self.runner.warmup(progress)
 
     # ------------------------------------------------------------------ several processes
 

@@ -28,6 +28,15 @@ def test_compare_pairs_each_repeat_with_the_baseline_layout():
     assert "throughput_ratio_vs_one-replica" not in report["one-replica"]
 
 
+def test_seats_per_gpu_gives_a_multi_gpu_engine_seats_for_each_gpu():
+    same = scale_out.parse_args(["--engine", '{"max_num_seqs": 8}'])
+    per_gpu = scale_out.parse_args(["--engine", '{"max_num_seqs": 8}', "--seats-per-gpu"])
+    two_hosts = scale_out.LAYOUTS["tensor2-two-hosts"].engine_gpus
+    assert scale_out.engine_options(same, two_hosts) == {"max_num_seqs": 8}
+    assert scale_out.engine_options(per_gpu, two_hosts) == {"max_num_seqs": 16}
+    assert scale_out.engine_options(per_gpu, scale_out.LAYOUTS["two-replicas"].engine_gpus) == {"max_num_seqs": 8}
+
+
 def test_unknown_layouts_are_refused_naming_the_choices(capsys):
     with pytest.raises(SystemExit) as exit_:
         scale_out.parse_args(["--layouts", "one-replica,three-hosts"])

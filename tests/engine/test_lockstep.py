@@ -79,7 +79,10 @@ def test_a_follower_replaying_the_leaders_operations_ends_in_the_same_device_sta
 def test_a_follower_never_steps_on_its_own():
     model = scalellm_jax.Model.random(CONFIG, seed=0, dtype="float32")
     engine = LLMEngine(model, EngineConfig(page_size=4, num_pages=24, max_num_seqs=4, max_num_batched_tokens=16))
-    engine.runner = lockstep.FollowerRunner(engine.runner, QueueChannel())
+    channel = QueueChannel()
+    engine.runner = lockstep.FollowerRunner(engine.runner, channel)
+    engine.warmup()  # nothing: the leader's warmup reaches it through ``follow`` (so LLM(...) builds on every process)
+    assert not channel.sent and engine.runner.num_compilations() == 0
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=2))
     with pytest.raises(RuntimeError, match="follows process 0"):
         engine.step()
