@@ -230,12 +230,15 @@ def for_processes(runner, description: dict):
 def _host_devices() -> list:
     """Every process's CPU devices, process by process. The CPU backend spans the processes once
     ``jax.distributed`` has started (on GPU hosts too); where it does not, the default backend's devices."""
-    devices = sorted(jax.devices("cpu"), key=lambda d: (d.process_index, d.id))
+    try:
+        devices = sorted(jax.devices("cpu"), key=lambda d: (d.process_index, d.id))
+    except RuntimeError:  # JAX_PLATFORMS names no cpu backend
+        devices = []
     count = jax.process_count()
     if {d.process_index for d in devices} == set(range(count)) and len(devices) % count == 0:
         return devices
-    logger.warning("the CPU backend does not span the processes: step operations go over the accelerators' "
-                   "collectives, which wait for the step in flight")
+    logger.warning("the CPU backend does not span the processes (is JAX_PLATFORMS without cpu?): step "
+                   "operations go over the accelerators' collectives, which wait for the step in flight")
     return sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
 
 

@@ -98,6 +98,20 @@ def test_the_channel_carries_messages_of_any_size(size):
     assert channel._exchange(payload) == payload
 
 
+def test_the_channel_runs_on_the_host_cpus_and_says_so_when_it_cannot(monkeypatch, caplog):
+    assert all(d.platform == "cpu" for d in lockstep._host_devices())
+    real = jax.devices
+
+    def no_cpu_backend(backend=None):
+        if backend == "cpu":
+            raise RuntimeError("Unknown backend cpu")
+        return real(backend)
+
+    monkeypatch.setattr(jax, "devices", no_cpu_backend)
+    assert lockstep._host_devices() == sorted(real(), key=lambda d: (d.process_index, d.id))
+    assert "the CPU backend does not span the processes" in caplog.text
+
+
 def test_differing_engines_are_named_field_by_field():
     same = {"num_pages": 65, "dtype": "float32"}
     assert lockstep.engine_differences([same, dict(same)]) == ""
