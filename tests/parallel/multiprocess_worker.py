@@ -5,11 +5,13 @@ with SCALELLM_COORDINATOR / SCALELLM_NUM_PROCESSES / SCALELLM_PROCESS_ID set (se
 ``scalellm_jax.distributed``) and XLA_FLAGS giving each process its local CPU devices.
 
 SPEC: ``{"tokens": [[...]], "prompts": [[...]], "cases": [{"name", "folder", "ep", "tp",
-"resharded", "generate"}]}``. Per case every process loads the checkpoint onto the global
+"resharded", "generate", "llm"}]}``. Per case every process loads the checkpoint onto the global
 (expert, tensor) mesh and runs the same forward; with ``resharded`` also through
 ``Model.sharded`` (params loaded on this process's first device, then spread over the mesh);
-with ``generate`` also a greedy ``generate``. Logits are gathered to every host. Each process
-writes OUT_DIR/<name>-logits-<rank>.npy (and -resharded-) and OUT_DIR/<name>-report-<rank>.json.
+with ``generate`` also a greedy ``generate``; with ``llm`` also the offline engine over the processes
+(``LLM`` built on every process: process 0 generates and closes, the others follow). Logits are
+gathered to every host. Each process writes OUT_DIR/<name>-logits-<rank>.npy (and -resharded-) and
+OUT_DIR/<name>-report-<rank>.json.
 Several cases share one launch because process start-up and ``initialize`` dominate the cost.
 """
 
@@ -60,6 +62,19 @@ def main() -> None:
         }
         if case["generate"]:
             report["generated"] = scalellm_jax.generate(model, spec["prompts"], max_new_tokens=4)
+        if case["llm"]:
+            from scalellm_jax import LLM, SamplingParams
+
+            llm = LLM(model, **spec["llm_options"])  # every process; the warmup runs on all of them
+            if rank == 0:
+                try:
+                    outputs = llm.generate(prompt_token_ids=spec["prompts"],
+                                           sampling_params=SamplingParams(max_tokens=6, temperature=0))
+                    report["llm_generated"] = [o.token_ids for o in outputs]
+                finally:  # releases the followers even when this process fails (else they wait for it)
+                    llm.engine.close()
+            else:
+                report["llm_steps_followed"] = llm.engine.follow()
         (out / f"{name}-report-{rank}.json").write_text(json.dumps(report))
     jax.distributed.shutdown()
 

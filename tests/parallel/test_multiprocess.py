@@ -19,7 +19,10 @@ from scalellm_jax.distributed import DistributedConfig
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 NUM_PROCESSES, LOCAL_DEVICES = 2, 2
-TIMEOUT_S = 150
+TIMEOUT_S = 240
+# the offline engine's options in the multi-process case: few step shapes to compile
+LLM_OPTIONS = dict(page_size=4, num_pages=32, max_num_seqs=4, max_num_batched_tokens=16, decode_buckets=[4],
+                   token_buckets=[16])
 
 
 def free_port() -> int:
@@ -75,7 +78,8 @@ def run_workers(spec: dict, out: Path) -> None:
 def test_two_process_sharded_model_equals_single_process(make_hf_mixtral, tmp_path):
     """One launch, two meshes over 2 processes × 2 CPU devices:
     ``tp4``: tensor=4 spans both processes (HF checkpoint, also via ``Model.sharded``);
-    ``ep2_tp2``: experts across the processes, tensor within each (converted checkpoint, also ``generate``).
+    ``ep2_tp2``: experts across the processes, tensor within each (converted checkpoint, also ``generate`` and
+    the offline ``LLM`` engine, process 0 leading).
     """
     import scalellm_jax
     from checkpoints_tools.convert import convert_checkpoint
@@ -87,11 +91,14 @@ def test_two_process_sharded_model_equals_single_process(make_hf_mixtral, tmp_pa
     single = scalellm_jax.load(hf, dtype="float32")
     expected = np.asarray(single.logits(tokens))
     cases = [
-        dict(name="tp4", folder=str(hf), ep=1, tp=4, resharded=True, generate=False),
-        dict(name="ep2_tp2", folder=str(converted), ep=2, tp=2, resharded=False, generate=True),
+        dict(name="tp4", folder=str(hf), ep=1, tp=4, resharded=True, generate=False, llm=False),
+        dict(name="ep2_tp2", folder=str(converted), ep=2, tp=2, resharded=False, generate=True, llm=True),
     ]
     out = tmp_path / "out"
-    run_workers({"tokens": tokens.tolist(), "prompts": prompts, "cases": cases}, out)
+    run_workers({"tokens": tokens.tolist(), "prompts": prompts, "cases": cases, "llm_options": LLM_OPTIONS}, out)
+    llm = scalellm_jax.LLM(single, **LLM_OPTIONS)
+    expected_llm = [o.token_ids for o in llm.generate(
+        prompt_token_ids=prompts, sampling_params=scalellm_jax.SamplingParams(max_tokens=6, temperature=0))]
 
     scale = np.abs(expected).max()
     expected_generated = scalellm_jax.generate(single, prompts, max_new_tokens=4)
@@ -116,6 +123,10 @@ def test_two_process_sharded_model_equals_single_process(make_hf_mixtral, tmp_pa
             assert report["w_gate_local_shards"] == [[4 // ep, 32, 48 // tp]] * LOCAL_DEVICES
             if case["generate"]:
                 assert report["generated"] == expected_generated
+            if case["llm"] and rank == 0:
+                assert report["llm_generated"] == expected_llm
+            elif case["llm"]:
+                assert report["llm_steps_followed"] >= 6  # every step ran on the follower too
 
 
 def test_mesh_must_include_every_process():
