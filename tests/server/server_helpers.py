@@ -68,9 +68,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 class ServerProcess:
     """``python -m scalellm_jax.server`` on a simulated device, on a free port; its log is kept."""
 
+    START_S = 120
+    # the server's flags before the caller's (a subclass serves another model)
+    BASE_FLAGS = ("--model", "mixtral-8x7b", "--simulate-device", "h200", "--max-num-seqs", "8",
+                  "--max-num-batched-tokens", "256", "--max-model-len", "4096")
+
     def __init__(self, *flags: str):
-        cmd = [sys.executable, "-m", "scalellm_jax.server", "--model", "mixtral-8x7b", "--simulate-device", "h200",
-               "--port", "0", "--max-num-seqs", "8", "--max-num-batched-tokens", "256", "--max-model-len", "4096",
+        cmd = [sys.executable, "-m", "scalellm_jax.server", *self.BASE_FLAGS, "--port", "0",
                "--compilation-cache-dir", "", *flags]
         self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.log: list[str] = []
@@ -88,7 +92,7 @@ class ServerProcess:
 
         self._reader = threading.Thread(target=read_log, daemon=True)
         self._reader.start()
-        if not ready.wait(120) or not self.url:
+        if not ready.wait(self.START_S) or not self.url:
             self.process.kill()
             raise AssertionError("server did not start:\n" + "".join(self.log))
 

@@ -14,14 +14,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import threading
 import urllib.error
 import urllib.request
 
 import pytest
-from server_helpers import ROOT, metric, wait_until
+from server_helpers import ServerProcess, metric, wait_until
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 API_KEY = "playground-test-key"
@@ -36,43 +33,15 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
 
-class DemoServer:
-    """``python -m scalellm_jax.server`` without --model (the built-in demo), with an API key, on a free port."""
+class DemoServer(ServerProcess):
+    """``python -m scalellm_jax.server`` without --model (the built-in demo, compiled at start), with an API key."""
 
-    def __init__(self):
-        cmd = [sys.executable, "-m", "scalellm_jax.server", "--port", "0", "--api-key", API_KEY,
-               "--compilation-cache-dir", ""]
-        self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.log: list[str] = []
-        self.url = ""
-        ready = threading.Event()
-
-        def read_log():
-            for line in self.process.stdout:
-                self.log.append(line)
-                found = re.search(r"ready in .*: (http://[\d.]+:\d+)/v1", line)
-                if found:
-                    self.url = found.group(1)
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read_log, daemon=True).start()
-        if not ready.wait(180) or not self.url:
-            self.stop()
-            raise AssertionError("demo server did not start:\n" + "".join(self.log))
+    START_S = 180
+    BASE_FLAGS = ("--api-key", API_KEY)
 
     def state(self) -> dict:
         with urllib.request.urlopen(self.url + "/state", timeout=10) as response:
             return json.loads(response.read())
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @pytest.fixture(scope="module")
