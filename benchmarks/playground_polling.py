@@ -32,6 +32,7 @@ from benchmarks.serving import (
     http_request,
     load_workload,
     measure,
+    positive_ints,
     start_server,
     stop_server,
 )
@@ -126,21 +127,11 @@ async def _run(args, work, url: str, pid: int) -> tuple[list[dict], list[Polling
     return runs, targets, seconds
 
 
-def _pages(text: str) -> list[int]:
-    try:
-        pages = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated page counts like 1,10, got {text!r}") from None
-    if not pages or min(pages) < 1:
-        raise argparse.ArgumentTypeError(f"page counts must be >= 1, got {text!r}")
-    return pages
-
-
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.playground_polling",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--pages", type=_pages, default=[1, 10], help="open pages of each polling target")
+    parser.add_argument("--pages", type=positive_ints, default=[1, 10], help="open pages of each polling target")
     parser.add_argument("--interval-ms", type=float, default=None, help="poll interval (default: the page's)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--num-prompts", type=int, default=256)

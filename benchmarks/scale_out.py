@@ -50,6 +50,7 @@ from benchmarks.serving import (
     HTTPTarget,
     cpu_seconds,
     load_workload,
+    positive_ints,
     run_closed,
     start_server,
     stop_server,
@@ -206,16 +207,6 @@ async def measure(urls: dict[str, str], pids: dict[str, list[int]], work, args) 
     return runs
 
 
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1, got {text!r}")
-    return levels
-
-
 def _layouts(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [n for n in names if n not in LAYOUTS]
@@ -228,7 +219,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale_out", description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", type=_layouts, default=list(LAYOUTS),
                         help=f"comma-separated, the first is the ratios' baseline (default {','.join(LAYOUTS)})")
-    parser.add_argument("--concurrency", type=_levels, default=[64, 256, 1024], help="closed-loop client counts")
+    parser.add_argument("--concurrency", type=positive_ints, default=[64, 256, 1024], help="closed-loop client counts")
     parser.add_argument("--num-prompts", type=int, default=256, help="requests per run at least")
     parser.add_argument("--prompts-per-stream", type=int, default=2,
                         help="requests per run at least this many times the concurrency")

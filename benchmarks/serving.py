@@ -464,14 +464,15 @@ def _meets(key: str, value: float | None, limit: float) -> bool:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def _levels(text: str) -> list[int]:
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated integers, each >= 1 (concurrency levels, page counts)."""
     try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1, got {text!r}")
-    return levels
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
+    return values
 
 
 def parse_args(argv):
@@ -485,7 +486,7 @@ def parse_args(argv):
                         "own, for a host where two copies of the model do not fit; pair it with a --url run of the "
                         "same workload through overhead_report (benchmarks.gpu_suite does)")
     load = parser.add_mutually_exclusive_group(required=True)
-    load.add_argument("--concurrency", type=_levels, help="closed-loop client counts, e.g. 1,8,64,256")
+    load.add_argument("--concurrency", type=positive_ints, help="closed-loop client counts, e.g. 1,8,64,256")
     load.add_argument("--request-rate", type=float, help="Poisson arrivals per second (open loop)")
     parser.add_argument("--dataset", type=pathlib.Path, default=ALPACA_EVAL, help=f"the {ALPACA_EVAL.name} file")
     parser.add_argument("--num-prompts", type=int, default=256)
